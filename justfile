@@ -1,0 +1,32 @@
+# pgsd tasks. Start from a fresh clone with:  . ./activate && just test
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+python := justfile_directory() / ".venv/bin/python"
+
+# list the recipes
+default:
+    @just --list
+
+# install pgsd with its dev tools and a PostgreSQL server, when missing
+setup:
+    @bash scripts/setup.sh
+
+# run the whole test suite against a throwaway server (PGSD_TEST_PG=N picks the major)
+test *args: setup
+    {{python}} -m pytest {{args}}
+
+# ruff (lint and format) and mypy --strict
+lint: setup
+    {{python}} -m ruff check src tests benchmarks loadtest
+    {{python}} -m ruff format --check src tests benchmarks loadtest
+    {{python}} -m mypy
+
+# format the code
+fmt: setup
+    {{python}} -m ruff format src tests benchmarks loadtest
+    {{python}} -m ruff check --fix src tests benchmarks loadtest
+
+# connect to a throwaway local server and show what pgsd sees (asyncio or trio)
+demo backend="asyncio": setup
+    {{python}} -m pgsd demo --backend {{backend}}
