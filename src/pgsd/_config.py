@@ -1,0 +1,742 @@
+"""Configuration: pool settings, database settings and the TOML file loader.
+
+Everything libpq already does (PG* environment variables, the passfile, the
+service file, several hosts) is passed through to libpq, not re-implemented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import math
+import os
+import re
+import tomllib
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Self, TypeVar
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from ._errors import ConfigError, format_address, is_secret_key
+from ._permissions import parse_requirement
+
+__all__ = ["ConnectorConfig", "DatabaseConfig", "PoolConfig", "load_config"]
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class _FrozenMap(Mapping[_K, _V]):
+    """A read-only, hashable mapping that keeps insertion order."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[_K, _V] | Iterable[tuple[_K, _V]] = ()) -> None:
+        self._data: dict[_K, _V] = dict(data)
+
+    def __getitem__(self, key: _K) -> _V:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[_K]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Mapping):
+            return self._data == dict(other.items())
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._data.items()))
+
+    def __repr__(self) -> str:
+        return repr(self._data)
+
+
+# --- value checks: each raises ConfigError(key=the field name) -------------
+
+
+def _number_text(value: float) -> str:
+    return f"{value:g}"
+
+
+def _check_int(key: str, value: object, *, minimum: int, maximum: int | None = None) -> None:
+    # bool is an int subclass; "max_size = true" is a mistake, not 1.
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value >= minimum
+        and (maximum is None or value <= maximum)
+    ):
+        return
+    if maximum is None:
+        wanted = f"an integer >= {minimum}"
+    else:
+        wanted = f"an integer between {minimum} and {maximum}"
+    raise ConfigError(f"must be {wanted}, got {value!r}", key=key)
+
+
+def _check_number(
+    key: str,
+    value: object,
+    *,
+    minimum: float,
+    exclusive: bool = False,
+    below: float | None = None,
+) -> float:
+    """Check a finite number in range and return it as a float."""
+    wanted = f"a number {'>' if exclusive else '>='} {_number_text(minimum)}"
+    if below is not None:
+        wanted += f" and < {_number_text(below)}"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+        in_range = number > minimum if exclusive else number >= minimum
+        if math.isfinite(number) and in_range and (below is None or number < below):
+            return number
+    raise ConfigError(f"must be {wanted}, got {value!r}", key=key)
+
+
+def _check_optional_str(key: str, value: object, *, non_empty: bool = False) -> None:
+    if value is None or (isinstance(value, str) and (value or not non_empty)):
+        return
+    wanted = "a non-empty string" if non_empty else "a string"
+    raise ConfigError(f"must be {wanted}, got {value!r}", key=key)
+
+
+def _check_str(key: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(f"must be a string, got {value!r}", key=key)
+
+
+def _check_password(value: object) -> None:
+    if value is not None and not isinstance(value, str):
+        # Never echo the value: it may be a secret of the wrong type.
+        raise ConfigError(f"must be a string, got {type(value).__name__}", key="password")
+
+
+def _check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
+    if value is None or value in choices:
+        return
+    raise ConfigError(f"must be one of {', '.join(choices)}; got {value!r}", key=key)
+
+
+# --- PoolConfig --------------------------------------------------------------
+
+_POOL_INTS = {"min_size": 0, "max_size": 1, "max_waiting": 0, "min_server_version": 130000}
+_POOL_POSITIVE = (
+    "acquire_timeout",
+    "max_idle",
+    "max_lifetime",
+    "health_check_interval",
+    "reconnect_initial",
+    "reconnect_max",
+    "close_timeout",
+)
+_POOL_FRACTIONS = ("lifetime_jitter", "reconnect_jitter")
+_POOL_HOOKS = ("configure", "reset")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PoolConfig:
+    """How a pool sizes, times out, checks and replaces its connections.
+
+    Durations are in seconds. The defaults follow the peers (HikariCP,
+    psycopg_pool): a small pool, 30 s to acquire, idle connections closed
+    after 10 minutes, every connection replaced after 30 minutes (minus up
+    to 5 % jitter so connections opened together do not expire together).
+
+    Raises `ConfigError` (with ``key`` set to the field) for an invalid value.
+    """
+
+    #: Connections kept open even when idle.
+    min_size: int = 1
+    #: Connections never exceeded, counted on the server.
+    max_size: int = 5
+    #: How long `connection()` waits before raising `PoolTimeout`.
+    acquire_timeout: float = 30.0
+    #: Waiters allowed in the queue; one more gets `TooManyWaiters`. 0 = unbounded.
+    max_waiting: int = 0
+    #: An idle connection above ``min_size`` is closed after this long.
+    max_idle: float = 600.0
+    #: Every connection is replaced after this long (with jitter below).
+    max_lifetime: float = 1800.0
+    #: Lifetimes are spread over ``[max_lifetime * (1 - j), max_lifetime]``.
+    lifetime_jitter: float = 0.05
+    #: Idle connections are pinged this often.
+    health_check_interval: float = 30.0
+    #: A connection idle longer than this is pinged before it is lent; 0 = always.
+    ping_after_idle: float = 0.5
+    #: First delay before reconnecting after a failure.
+    reconnect_initial: float = 0.1
+    #: Cap on the reconnect delay.
+    reconnect_max: float = 10.0
+    #: Factor applied to the delay after each failed attempt.
+    reconnect_multiplier: float = 2.0
+    #: Each delay is randomly shortened by up to this fraction.
+    reconnect_jitter: float = 0.1
+    #: Warn, with the borrower's stack, about a connection held longer. None = off.
+    leak_threshold: float | None = None
+    #: How long closing the pool waits for borrowed connections.
+    close_timeout: float = 5.0
+    #: Servers older than this ``server_version_num`` are refused.
+    min_server_version: int = 130000
+    #: Awaited with each new connection before it is first lent.
+    configure: Callable[[Any], Awaitable[None]] | None = None
+    #: Awaited with each returned connection before it is lent again.
+    reset: Callable[[Any], Awaitable[None]] | None = None
+
+    def __post_init__(self) -> None:
+        for key, minimum in _POOL_INTS.items():
+            _check_int(key, getattr(self, key), minimum=minimum)
+        for key in _POOL_POSITIVE:
+            self._set(key, _check_number(key, getattr(self, key), minimum=0, exclusive=True))
+        for key in _POOL_FRACTIONS:
+            self._set(key, _check_number(key, getattr(self, key), minimum=0, below=1))
+        self._set(
+            "ping_after_idle", _check_number("ping_after_idle", self.ping_after_idle, minimum=0)
+        )
+        multiplier = _check_number("reconnect_multiplier", self.reconnect_multiplier, minimum=1)
+        self._set("reconnect_multiplier", multiplier)
+        if self.leak_threshold is not None:
+            threshold = _check_number(
+                "leak_threshold", self.leak_threshold, minimum=0, exclusive=True
+            )
+            self._set("leak_threshold", threshold)
+        self._check_hooks()
+        self._check_relations()
+
+    def _set(self, key: str, value: object) -> None:
+        # Normalizes ints to floats; the dataclass is frozen.
+        object.__setattr__(self, key, value)
+
+    def _check_hooks(self) -> None:
+        for key in _POOL_HOOKS:
+            hook = getattr(self, key)
+            if hook is not None and not callable(hook):
+                raise ConfigError(f"must be an async callable or None, got {hook!r}", key=key)
+
+    def _check_relations(self) -> None:
+        if self.min_size > self.max_size:
+            raise ConfigError(
+                f"must not exceed max_size ({self.max_size}), got {self.min_size}", key="min_size"
+            )
+        if self.reconnect_initial > self.reconnect_max:
+            raise ConfigError(
+                f"must not exceed reconnect_max ({_number_text(self.reconnect_max)}),"
+                f" got {_number_text(self.reconnect_initial)}",
+                key="reconnect_initial",
+            )
+
+    def replace(self, **changes: Any) -> Self:
+        """Return a copy with *changes* applied. Raises `ConfigError` if invalid."""
+        return dataclasses.replace(self, **changes)
+
+
+# --- DatabaseConfig ----------------------------------------------------------
+
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
+
+# Fields that are libpq keywords of the same name, in conninfo order.
+_LIBPQ_FIELDS = (
+    "host",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "passfile",
+    "service",
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "sslcrl",
+    "application_name",
+    "options",
+    "target_session_attrs",
+    "connect_timeout",
+)
+_NON_EMPTY_STRS = ("host", "dbname", "user", "name")
+_PLAIN_STRS = ("passfile", "service", "sslrootcert", "sslcert", "sslkey", "sslcrl", "options")
+
+_KEYWORD = re.compile(r"[a-z][a-z0-9_]*")
+_MAX_PORT = 65535
+# libpq rounds any connect_timeout below 2 s up to 2 s.
+_LIBPQ_MIN_TIMEOUT = 2
+
+
+def _normalize_port(value: object) -> int | str | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and "," in value:
+        # One port per host; an empty entry means libpq's default for that host.
+        if all(_is_port(part) for part in value.split(",") if part):
+            return value
+        wanted = f"a comma-separated list of integers between 1 and {_MAX_PORT}"
+        raise ConfigError(f"must be {wanted}, got {value!r}", key="port")
+    if isinstance(value, str) and _is_port(value):
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= _MAX_PORT:
+        return value
+    raise ConfigError(f"must be an integer between 1 and {_MAX_PORT}, got {value!r}", key="port")
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and 1 <= int(text) <= _MAX_PORT
+
+
+def _normalize_required(value: object) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ConfigError(f"must be a list of privilege strings, got {value!r}", key="required")
+    items = tuple(value)
+    for item in items:
+        _check_requirement(item)
+    return items
+
+
+def _check_requirement(item: object) -> None:
+    # The permission checker's own parser, so that a config accepts exactly
+    # what check_permissions() understands.
+    if not isinstance(item, str):
+        raise ConfigError(f"entries must be strings, got {item!r}", key="required")
+    try:
+        parse_requirement(item)
+    except ConfigError as exc:
+        raise ConfigError(exc.problem, key="required") from None
+
+
+def _normalize_extra(value: object) -> _FrozenMap[str, str]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"must be a mapping of libpq keywords to values, got {value!r}", key="extra"
+        )
+    extra: dict[str, str] = {}
+    for keyword, setting in sorted(value.items()):
+        _check_extra_keyword(keyword)
+        if isinstance(setting, bool) or not isinstance(setting, str | int | float):
+            raise ConfigError(f"{keyword}: must be a string or a number", key="extra")
+        extra[keyword] = str(setting)
+    return _FrozenMap(extra)
+
+
+def _check_extra_keyword(keyword: object) -> None:
+    if keyword in _LIBPQ_FIELDS:
+        raise ConfigError(f"{keyword}: set the {keyword} field instead", key="extra")
+    if not isinstance(keyword, str) or not _is_libpq_keyword(keyword):
+        raise ConfigError(f"{keyword!r} is not a libpq connection keyword", key="extra")
+
+
+@functools.lru_cache(maxsize=128)
+def _is_libpq_keyword(keyword: str) -> bool:
+    """Ask libpq's own parser, so the answer matches the libpq in use."""
+    if not _KEYWORD.fullmatch(keyword):
+        return False
+    try:
+        conninfo_to_dict(f"{keyword}=x")
+    except psycopg.ProgrammingError:
+        return False
+    return True
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DatabaseConfig:
+    """Where and how to connect to one database.
+
+    The libpq settings are passed to libpq unchanged; those left ``None``
+    fall back to libpq's defaults (PG* environment variables, the passfile,
+    the service file). `repr` never shows the password.
+
+    Raises `ConfigError` (with ``key`` set to the field) for an invalid value.
+    """
+
+    #: A host name, IP address or socket directory; comma-separated for several.
+    host: str | None = None
+    #: An int, or a comma-separated string with one port per host.
+    port: int | str | None = None
+    dbname: str | None = None
+    user: str | None = None
+    #: Better left out: prefer the passfile, a service or ``password_env``.
+    password: str | None = field(default=None, repr=False)
+    passfile: str | None = None
+    service: str | None = None
+    sslmode: str | None = None
+    sslrootcert: str | None = None
+    sslcert: str | None = None
+    sslkey: str | None = None
+    sslcrl: str | None = None
+    application_name: str = "pgsd"
+    options: str | None = None
+    target_session_attrs: str | None = None
+    #: Seconds per connection attempt; libpq itself only counts whole seconds >= 2.
+    connect_timeout: float = 30.0
+    #: Seconds a cancelled query may take to stop before its connection is closed.
+    cancel_grace: float = 2.0
+    #: Privileges the role must hold: ``database:PRIV``, ``schema:NAME:PRIV``,
+    #: ``table:SCHEMA.NAME:PRIV`` or ``role:NAME``; any iterable, stored as a tuple
+    #: of the strings as given.
+    required: Sequence[str] = ()
+    #: Other libpq keywords, passed through (``keepalives_idle``, ``sslnegotiation``...).
+    extra: Mapping[str, str] = field(default_factory=lambda: _FrozenMap[str, str]())
+    #: Overrides the connector's `PoolConfig` for this database.
+    pool: PoolConfig | None = None
+    #: The database's name in the `ConnectorConfig`.
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in _NON_EMPTY_STRS:
+            _check_optional_str(key, getattr(self, key), non_empty=True)
+        for key in _PLAIN_STRS:
+            _check_optional_str(key, getattr(self, key))
+        _check_password(self.password)
+        _check_str("application_name", self.application_name)
+        _check_choice("sslmode", self.sslmode, _SSLMODES)
+        _check_choice("target_session_attrs", self.target_session_attrs, _SESSION_ATTRS)
+        self._normalize()
+
+    def _normalize(self) -> None:
+        set_ = functools.partial(object.__setattr__, self)  # the dataclass is frozen
+        set_("port", _normalize_port(self.port))
+        set_("connect_timeout", _check_positive("connect_timeout", self.connect_timeout))
+        set_("cancel_grace", _check_positive("cancel_grace", self.cancel_grace))
+        set_("required", _normalize_required(self.required))
+        set_("extra", _normalize_extra(self.extra))
+        if self.pool is not None and not isinstance(self.pool, PoolConfig):
+            raise ConfigError(f"must be a PoolConfig or None, got {self.pool!r}", key="pool")
+
+    @classmethod
+    def from_dsn(cls, dsn: str, **overrides: Any) -> Self:
+        """Build a config from a ``postgresql://`` URL or a ``key=value`` string.
+
+        Several hosts (``postgresql://h1:5432,h2:5433/app``) are kept as
+        comma-separated ``host`` and ``port``. libpq keywords without a field
+        go to ``extra``; *overrides* take precedence over the DSN (an
+        ``extra`` override is merged into the DSN's).
+
+        Raises `ConfigError` if the DSN cannot be parsed (the message never
+        contains its password) or holds an invalid value.
+        """
+        params = _parse_dsn(dsn)
+        fields = {k: v for k, v in params.items() if k in _LIBPQ_FIELDS and v != ""}
+        extra = {k: v for k, v in params.items() if k not in _LIBPQ_FIELDS and v != ""}
+        if "connect_timeout" in fields:
+            fields["connect_timeout"] = _float_or_text(fields["connect_timeout"])
+        extra.update(overrides.pop("extra", {}))
+        try:
+            return cls(**{**fields, "extra": extra, **overrides})
+        except ConfigError as exc:
+            if exc.key in fields and exc.key not in overrides:
+                raise ConfigError(f"{exc.problem} (from the dsn)", key=exc.key) from None
+            raise
+
+    def conninfo(self) -> str:
+        """Return the libpq conninfo string, password included, for the driver only.
+
+        ``connect_timeout`` is rounded up to whole seconds, at least 2, as
+        libpq counts it; the connection layer enforces the exact value.
+        """
+        params: dict[str, str | int | None] = {k: getattr(self, k) for k in _LIBPQ_FIELDS}
+        params["connect_timeout"] = max(_LIBPQ_MIN_TIMEOUT, math.ceil(self.connect_timeout))
+        params.update(self.extra)
+        return make_conninfo("", **params)
+
+    @property
+    def display_name(self) -> str:
+        """The name to show in messages: ``name``, else ``dbname``, else a description."""
+        if self.name is not None:
+            return self.name
+        if self.dbname is not None:
+            return self.dbname
+        if self.service is not None:
+            return f"service {self.service}"
+        return "(libpq default database)"
+
+    @property
+    def address(self) -> str:
+        """Where libpq will connect, as ``host:port``, for messages."""
+        return format_address(self.host, self.port)
+
+    def replace(self, **changes: Any) -> Self:
+        """Return a copy with *changes* applied. Raises `ConfigError` if invalid."""
+        return dataclasses.replace(self, **changes)
+
+    def __repr__(self) -> str:
+        # Only the fields that differ from their defaults, and never a secret.
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == _default_of(f):
+                continue
+            if f.name == "password":
+                parts.append("password='***'")
+            elif f.name == "extra":
+                parts.append(f"extra={_masked(value)!r}")
+            else:
+                parts.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+def _check_positive(key: str, value: object) -> float:
+    return _check_number(key, value, minimum=0, exclusive=True)
+
+
+def _default_of(f: dataclasses.Field[Any]) -> object:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _masked(extra: Mapping[str, str]) -> dict[str, str]:
+    return {k: ("***" if is_secret_key(k) else v) for k, v in extra.items()}
+
+
+def _parse_dsn(dsn: object) -> dict[str, Any]:
+    if not isinstance(dsn, str):
+        raise ConfigError(f"must be a string, got {type(dsn).__name__}", key="dsn")
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.Error as exc:
+        # psycopg's text may quote the DSN, password and all: ConfigError
+        # redacts it, and "from None" keeps the original out of tracebacks.
+        detail = str(exc).strip()
+        raise ConfigError(f"cannot parse the DSN: {detail}", key="dsn") from None
+    return dict(params)
+
+
+def _float_or_text(text: object) -> object:
+    """Convert a DSN number; an invalid one is left for the field check to report."""
+    try:
+        return float(str(text))
+    except ValueError:
+        return text
+
+
+# --- ConnectorConfig ---------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ConnectorConfig:
+    """The databases a `DatabaseConnector` manages and their pool settings.
+
+    Each database is stored with its ``name`` set to its key. ``pool`` is
+    the default for every database without its own ``pool``.
+
+    Raises `ConfigError` for an empty name or a value of the wrong type.
+    """
+
+    databases: Mapping[str, DatabaseConfig]
+    pool: PoolConfig = PoolConfig()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.databases, Mapping):
+            raise ConfigError(
+                f"must be a mapping of names to DatabaseConfig, got {self.databases!r}",
+                key="databases",
+            )
+        named = {name: _named(name, db) for name, db in self.databases.items()}
+        object.__setattr__(self, "databases", _FrozenMap(named))  # the dataclass is frozen
+        if not isinstance(self.pool, PoolConfig):
+            raise ConfigError(f"must be a PoolConfig, got {self.pool!r}", key="pool")
+
+    def pool_config(self, name: str) -> PoolConfig:
+        """Return the pool settings for database *name*: its own, else the default.
+
+        Raises `KeyError` if no database has that name.
+        """
+        try:
+            database = self.databases[name]
+        except KeyError:
+            known = ", ".join(map(repr, self.databases)) or "none"
+            raise KeyError(f"no database named {name!r} (configured: {known})") from None
+        return database.pool if database.pool is not None else self.pool
+
+
+def _named(name: object, database: object) -> DatabaseConfig:
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"names must be non-empty strings, got {name!r}", key="databases")
+    if not isinstance(database, DatabaseConfig):
+        raise ConfigError(f"must be a DatabaseConfig, got {database!r}", key=f"databases.{name}")
+    return database if database.name == name else database.replace(name=name)
+
+
+# --- load_config -------------------------------------------------------------
+
+_POOL_FILE_KEYS = tuple(f.name for f in dataclasses.fields(PoolConfig) if f.name not in _POOL_HOOKS)
+_DATABASE_FILE_KEYS = (
+    *(f.name for f in dataclasses.fields(DatabaseConfig) if f.name not in ("pool", "name")),
+    "dsn",
+    "password_env",
+    "pool",
+)
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def load_config(
+    path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
+) -> ConnectorConfig:
+    """Read a TOML configuration file.
+
+    The file has a ``[pool]`` table of defaults and one ``[databases.NAME]``
+    table per database, holding `DatabaseConfig` keys, or a ``dsn`` that the
+    other keys override. ``password_env = "VAR"`` reads the password from
+    the environment variable VAR (in *environ*, by default `os.environ`).
+    Other libpq keywords (``keepalives_idle = 30``) are passed through as
+    ``extra``. ``[databases.NAME.pool]`` overrides the ``[pool]`` keys it
+    sets. Relative file names (``passfile``, ``sslrootcert``...) are passed
+    to libpq as written.
+
+    Raises `ConfigError` naming the file, the dotted key and the problem for
+    a missing or unreadable file, invalid TOML, an unknown key, a value of
+    the wrong type or out of range, or an unset ``password_env`` variable.
+    """
+    file = os.fspath(path)
+    document = _read_toml(file)
+    try:
+        return _build_connector(document, os.environ if environ is None else environ)
+    except ConfigError as exc:
+        raise ConfigError(exc.problem, path=file, key=exc.key) from None
+
+
+def _read_toml(file: str) -> dict[str, Any]:
+    try:
+        with open(file, "rb") as stream:
+            return tomllib.load(stream)
+    except FileNotFoundError:
+        raise ConfigError("file not found", path=file) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file: {exc.strerror}", path=file) from None
+    except UnicodeDecodeError:
+        raise ConfigError("not valid UTF-8", path=file) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML: {exc}", path=file) from None
+
+
+def _build_connector(document: dict[str, Any], environ: Mapping[str, str]) -> ConnectorConfig:
+    _check_keys(document, ("pool", "databases"), ())
+    pool_defaults = _table(document.get("pool", {}), "pool")
+    _check_keys(pool_defaults, _POOL_FILE_KEYS, ("pool",))
+    with _key_prefix("pool"):
+        pool = PoolConfig(**pool_defaults)
+    tables = _database_tables(document)
+    databases = {
+        name: _build_database(name, table, pool_defaults, environ) for name, table in tables.items()
+    }
+    return ConnectorConfig(databases=databases, pool=pool)
+
+
+def _database_tables(document: dict[str, Any]) -> dict[str, Any]:
+    if "databases" not in document:
+        raise ConfigError("missing: add a [databases.NAME] table per database", key="databases")
+    tables = _table(document["databases"], "databases")
+    if not tables:
+        raise ConfigError("no database configured: add a [databases.NAME] table", key="databases")
+    if "" in tables:
+        raise ConfigError("database names must not be empty", key="databases")
+    return tables
+
+
+def _build_database(
+    name: str, raw: object, pool_defaults: dict[str, Any], environ: Mapping[str, str]
+) -> DatabaseConfig:
+    table = dict(_table(raw, _dotted("databases", name)))
+    prefix = ("databases", name)
+    _check_keys(table, _DATABASE_FILE_KEYS, prefix, allow=_is_libpq_keyword)
+    dsn = table.pop("dsn", None)
+    _move_libpq_keywords(table, prefix)
+    _resolve_password(table, environ, prefix)
+    if "pool" in table:
+        table["pool"] = _database_pool(table["pool"], pool_defaults, (*prefix, "pool"))
+    with _key_prefix(_dotted(*prefix)):
+        if dsn is None:
+            return DatabaseConfig(name=name, **table)
+        return DatabaseConfig.from_dsn(dsn, name=name, **table)
+
+
+def _move_libpq_keywords(table: dict[str, Any], prefix: tuple[str, ...]) -> None:
+    """Move keys that are libpq keywords without a field of their own into ``extra``."""
+    extra = dict(_table(table.get("extra", {}), _dotted(*prefix, "extra")))
+    for key in [k for k in table if k not in _DATABASE_FILE_KEYS]:
+        value = table.pop(key)
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ConfigError(
+                f"must be a string or a number, got {value!r}", key=_dotted(*prefix, key)
+            )
+        extra[key] = value
+    if extra:
+        table["extra"] = extra
+
+
+def _resolve_password(
+    table: dict[str, Any], environ: Mapping[str, str], prefix: tuple[str, ...]
+) -> None:
+    if "password_env" not in table:
+        return
+    variable = table.pop("password_env")
+    key = _dotted(*prefix, "password_env")
+    if not isinstance(variable, str) or not variable:
+        raise ConfigError(f"must be an environment variable name, got {variable!r}", key=key)
+    if "password" in table:
+        raise ConfigError("set either password or password_env, not both", key=key)
+    password = environ.get(variable)
+    if not password:
+        state = "is not set" if password is None else "is empty"
+        raise ConfigError(f"environment variable {variable!r} {state}", key=key)
+    table["password"] = password
+
+
+def _database_pool(
+    raw: object, pool_defaults: dict[str, Any], prefix: tuple[str, ...]
+) -> PoolConfig:
+    overrides = _table(raw, _dotted(*prefix))
+    _check_keys(overrides, _POOL_FILE_KEYS, prefix)
+    with _key_prefix(_dotted(*prefix)):
+        return PoolConfig(**{**pool_defaults, **overrides})
+
+
+def _table(value: object, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"must be a table, got {value!r}", key=key)
+    return value
+
+
+def _check_keys(
+    table: dict[str, Any],
+    known: tuple[str, ...],
+    prefix: tuple[str, ...],
+    *,
+    allow: Callable[[str], bool] = lambda key: False,
+) -> None:
+    for key in table:
+        if key in known or allow(key):
+            continue
+        if key in _POOL_HOOKS:
+            problem = f"a callable cannot be set in a file; set it in code: PoolConfig({key}=...)"
+        else:
+            close = difflib.get_close_matches(key, known, n=1)
+            problem = f"unknown key (did you mean {close[0]!r}?)" if close else "unknown key"
+        raise ConfigError(problem, key=_dotted(*prefix, key))
+
+
+def _dotted(*parts: str) -> str:
+    """Join TOML keys, quoting those that are not bare keys: ``databases."my db".port``."""
+    return ".".join(part if _BARE_KEY.fullmatch(part) else _quoted(part) for part in parts)
+
+
+def _quoted(part: str) -> str:
+    escaped = part.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+@contextmanager
+def _key_prefix(prefix: str) -> Iterator[None]:
+    """Qualify the key of a `ConfigError` raised inside with *prefix*."""
+    try:
+        yield
+    except ConfigError as exc:
+        key = f"{prefix}.{exc.key}" if exc.key else prefix
+        raise ConfigError(exc.problem, key=key) from None

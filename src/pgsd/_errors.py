@@ -1,0 +1,383 @@
+"""The exceptions pgsd raises, and the translation of psycopg's connect errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+import psycopg
+import psycopg.errors
+
+__all__ = [
+    "AuthenticationError",
+    "ConfigError",
+    "ConnectError",
+    "ConnectTimeout",
+    "DatabaseNotFound",
+    "InsufficientPrivileges",
+    "PgsdError",
+    "PoolClosed",
+    "PoolTimeout",
+    "ServerUnavailable",
+    "TooManyConnections",
+    "TooManyWaiters",
+    "UnsupportedServerVersion",
+    "connect_error_from",
+    "format_address",
+    "is_secret_key",
+    "redact",
+]
+
+# libpq keywords whose values are secrets, as a regex alternation.
+_SECRET_KEY = r"\w*(?:password|secret|scram_client_key|scram_server_key)\w*"
+# A quoted value may contain escaped quotes; an unquoted one ends at whitespace.
+_VALUE = r"""'(?:[^'\\]|\\.)*'?|"(?:[^"\\]|\\.)*"?|\S+"""
+_SECRET_ASSIGNMENT = re.compile(rf"({_SECRET_KEY}\s*=\s*)(?:{_VALUE})", re.IGNORECASE)
+# The same secret as a key in a dict or JSON repr: 'password': '...'.
+_SECRET_ITEM = re.compile(rf"""(['"]{_SECRET_KEY}['"]\s*:\s*)(?:{_VALUE})""", re.IGNORECASE)
+# URL userinfo "user:secret@". Greedy up to the last "@" of the token, because
+# people do put a raw "@" in passwords and libpq's own parser is no guide here.
+_URL_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://[^:/?#@\s]*):\S*@", re.IGNORECASE)
+
+_MASK = "***"
+
+
+def is_secret_key(name: str) -> bool:
+    """Tell whether a libpq keyword (``password``, ``sslpassword``...) holds a secret."""
+    return re.fullmatch(_SECRET_KEY, name, re.IGNORECASE) is not None
+
+
+def redact(text: str) -> str:
+    """Return *text* with anything that looks like a password replaced by ``***``.
+
+    Scrubs ``password=...`` (quoted or not, and the other secret libpq keywords
+    such as ``sslpassword``), ``'password': ...`` items and the
+    ``user:secret@`` part of URLs. Never raises.
+    """
+    text = _SECRET_ASSIGNMENT.sub(rf"\g<1>{_MASK}", text)
+    text = _SECRET_ITEM.sub(rf"\g<1>'{_MASK}'", text)
+    return _URL_USERINFO.sub(rf"\g<1>:{_MASK}@", text)
+
+
+def format_address(host: str | None, port: str | int | None) -> str:
+    """Describe where libpq will connect, for messages: ``"db1:5432"``.
+
+    Unset parts are named as libpq defaults (PGHOST, PGPORT or the Unix
+    socket) rather than guessed, because libpq resolves them, not pgsd.
+    """
+    if host is None and port is None:
+        return "the libpq default host and port"
+    hosts = (host or "(libpq default host)").split(",")
+    ports = str(port).split(",") if port is not None else ["(libpq default port)"]
+    if len(ports) == 1:
+        ports = ports * len(hosts)
+    if len(ports) != len(hosts):
+        return f"hosts {host} ports {port}"
+    return ", ".join(_host_port(h, p) for h, p in zip(hosts, ports, strict=True))
+
+
+def _host_port(host: str, port: str) -> str:
+    if host.startswith("/"):
+        return f"the Unix socket {host}/.s.PGSQL.{port}"
+    if ":" in host:  # a bare IPv6 address
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def _rebuild(cls: type[BaseException], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Unpickle an exception whose constructor takes keyword-only arguments."""
+    return cls(*args, **kwargs)
+
+
+class PgsdError(Exception):
+    """The base class of every exception pgsd raises."""
+
+    __module__ = "pgsd"
+
+
+class ConfigError(PgsdError):
+    """A configuration value, file or DSN is invalid."""
+
+    __module__ = "pgsd"
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        key: str | None = None,
+    ) -> None:
+        self.problem = redact(problem)
+        self.path = os.fspath(path) if path is not None else None
+        self.key = key
+        parts = [part for part in (self.path, self.key) if part is not None]
+        Exception.__init__(self, ": ".join([*parts, self.problem]))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild, (type(self), (self.problem,), {"path": self.path, "key": self.key})
+
+
+class ConnectError(PgsdError):
+    """A connection to a database could not be established."""
+
+    __module__ = "pgsd"
+    hint = "check host, port, sslmode and the server's log"
+
+    def __init__(
+        self,
+        detail: str = "",
+        *,
+        database: str,
+        host: str | None = None,
+        port: str | int | None = None,
+        sqlstate: str | None = None,
+    ) -> None:
+        self.detail = redact(detail)
+        self.database = database
+        self.host = host
+        self.port = port
+        self.sqlstate = sqlstate
+        Exception.__init__(self, self._message())
+
+    def _message(self) -> str:
+        where = f"cannot connect to database {self.database!r} at {self.address}"
+        detail = f": {self.detail}" if self.detail else ""
+        state = f" (SQLSTATE {self.sqlstate})" if self.sqlstate else ""
+        return f"{where}{detail}{state}; {self._hint()}"
+
+    def _hint(self) -> str:
+        return self.hint
+
+    @property
+    def address(self) -> str:
+        """Where the connection was attempted, as ``host:port``."""
+        return format_address(self.host, self.port)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        kwargs = {
+            "database": self.database,
+            "host": self.host,
+            "port": self.port,
+            "sqlstate": self.sqlstate,
+        }
+        return _rebuild, (type(self), (self.detail,), kwargs)
+
+
+class AuthenticationError(ConnectError):
+    """The server rejected the user name, the password or the client's address."""
+
+    __module__ = "pgsd"
+    hint = (
+        "check the user name and password (password_env, passfile or PGPASSWORD)"
+        " and the server's pg_hba.conf"
+    )
+
+
+class DatabaseNotFound(ConnectError):
+    """The server is reachable but the database does not exist on it."""
+
+    __module__ = "pgsd"
+    hint = "check dbname: no database of that name exists on this server"
+
+
+class ConnectTimeout(ConnectError):
+    """The connection was not established within ``connect_timeout``."""
+
+    __module__ = "pgsd"
+    hint = "raise connect_timeout or check the network"
+
+
+class ServerUnavailable(ConnectError):
+    """The server could not be reached, or is starting up or shutting down."""
+
+    __module__ = "pgsd"
+
+    def _hint(self) -> str:
+        if self.host is not None and self.host.startswith("/"):
+            kind = "connections on"
+        else:
+            kind = "TCP connections on"
+        return f"check that the server is running and accepts {kind} {self.address}"
+
+
+class TooManyConnections(ConnectError):
+    """The server refused the connection because all its slots are taken."""
+
+    __module__ = "pgsd"
+    hint = "raise the server's max_connections or lower pool max_size"
+
+
+class PoolTimeout(PgsdError):
+    """No connection became available within ``acquire_timeout``."""
+
+    __module__ = "pgsd"
+
+
+class PoolClosed(PgsdError):
+    """The pool is closed, or was closed while waiting for a connection."""
+
+    __module__ = "pgsd"
+
+
+class TooManyWaiters(PgsdError):
+    """The pool's queue of waiters already holds ``max_waiting`` tasks."""
+
+    __module__ = "pgsd"
+
+
+class UnsupportedServerVersion(PgsdError):
+    """The server is older than the minimum version pgsd accepts."""
+
+    __module__ = "pgsd"
+
+    def __init__(
+        self, version_num: int, *, minimum: int = 130000, database: str | None = None
+    ) -> None:
+        self.version_num = version_num
+        self.minimum = minimum
+        self.database = database
+        Exception.__init__(self, self._message())
+
+    def _message(self) -> str:
+        where = f"database {self.database!r}: " if self.database is not None else ""
+        advice = "upgrade the server"
+        if self.minimum > 130000:
+            advice += " or lower min_server_version"
+        return (
+            f"{where}server version {_version_text(self.version_num)} ({self.version_num})"
+            f" is older than the minimum {_version_text(self.minimum)} ({self.minimum});"
+            f" {advice}"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        kwargs = {"minimum": self.minimum, "database": self.database}
+        return _rebuild, (type(self), (self.version_num,), kwargs)
+
+
+def _version_text(num: int) -> str:
+    # server_version_num is MMmmpp before PostgreSQL 10 and MM00mm since.
+    if num >= 100000:
+        return f"{num // 10000}.{num % 10000}"
+    return f"{num // 10000}.{num // 100 % 100}.{num % 100}"
+
+
+class InsufficientPrivileges(PgsdError):
+    """The role lacks privileges the configuration requires."""
+
+    __module__ = "pgsd"
+
+    def __init__(self, missing: Iterable[str], *, user: str | None = None) -> None:
+        self.missing = tuple(missing)
+        self.user = user
+        role = f"role {user!r}" if user is not None else "the current role"
+        Exception.__init__(self, f"{role} lacks required privileges: {', '.join(self.missing)}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild, (type(self), (self.missing,), {"user": self.user})
+
+
+# Classification of connect failures. libpq reports most startup failures
+# without a SQLSTATE, so the message text is matched as well.
+_BY_SQLSTATE: dict[str, type[ConnectError]] = {
+    "28P01": AuthenticationError,  # invalid_password
+    "28000": AuthenticationError,  # invalid_authorization_specification
+    "3D000": DatabaseNotFound,  # invalid_catalog_name
+    "53300": TooManyConnections,  # too_many_connections
+    "57P03": ServerUnavailable,  # cannot_connect_now
+}
+
+# Checked in order: a refused login can mention "could not connect" too.
+_BY_MESSAGE: tuple[tuple[re.Pattern[str], type[ConnectError]], ...] = (
+    (
+        re.compile(
+            r"password authentication failed|no password supplied|SCRAM"
+            r"|authentication failed|no pg_hba\.conf entry|role \".*\" does not exist",
+        ),
+        AuthenticationError,
+    ),
+    (re.compile(r"database \".*\" does not exist"), DatabaseNotFound),
+    (
+        re.compile(
+            r"too many (?:connections|clients)|remaining connection slots are reserved",
+            re.IGNORECASE,
+        ),
+        TooManyConnections,
+    ),
+    (re.compile(r"timeout expired|timed out", re.IGNORECASE), ConnectTimeout),
+    (
+        re.compile(
+            r"Connection refused|could not connect|No such file or directory"
+            r"|could not translate host name|failed to resolve host"
+            r"|server closed the connection unexpectedly|Connection reset"
+            r"|Network is unreachable|No route to host"
+            r"|the database system is (?:starting up|shutting down|in recovery mode)",
+            re.IGNORECASE,
+        ),
+        ServerUnavailable,
+    ),
+)
+
+_MAX_DETAIL = 500
+_PSYCOPG_PREFIX = re.compile(r"^connection (?:failed|is bad): ")
+
+
+def connect_error_from(
+    exc: BaseException, *, database: str, host: str | None, port: str | int | None
+) -> ConnectError:
+    """Translate an error raised while connecting into the matching `ConnectError`.
+
+    *exc* is usually a `psycopg.OperationalError` (or one of its SQLSTATE
+    subclasses), but timeouts and socket errors raised by the event loop are
+    classified too. The result's message names the database, host and port,
+    carries the first line of the original message with secrets scrubbed,
+    and says what to check. The caller chains it: ``raise err from exc``.
+    Never raises.
+    """
+    text = redact(_text_of(exc))
+    sqlstate = getattr(exc, "sqlstate", None)
+    if not isinstance(sqlstate, str):
+        sqlstate = None
+    cls = _classify(exc, text, sqlstate)
+    return cls(
+        _first_line(text) or type(exc).__name__,
+        database=database,
+        host=host,
+        port=port,
+        sqlstate=sqlstate,
+    )
+
+
+def _classify(exc: BaseException, text: str, sqlstate: str | None) -> type[ConnectError]:
+    if sqlstate in _BY_SQLSTATE:
+        return _BY_SQLSTATE[sqlstate]
+    if isinstance(exc, psycopg.errors.ConnectionTimeout | TimeoutError):
+        return ConnectTimeout
+    # With several hosts psycopg puts the last failure on the first line and
+    # every attempt after it: the first line decides, the rest is a fallback.
+    for candidate in (_first_line(text), text):
+        for pattern, cls in _BY_MESSAGE:
+            if pattern.search(candidate):
+                return cls
+    if isinstance(exc, socket.gaierror | ConnectionError):
+        return ServerUnavailable
+    return ConnectError
+
+
+def _text_of(exc: BaseException) -> str:
+    # A broken __str__ must not turn a connect failure into a crash here.
+    try:
+        return str(exc)
+    except Exception:
+        return type(exc).__name__
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().split("\n", 1)[0].strip()
+    # psycopg's prefix repeats what the ConnectError message already says.
+    line = _PSYCOPG_PREFIX.sub("", line)
+    if len(line) > _MAX_DETAIL:
+        line = line[: _MAX_DETAIL - 3] + "..."
+    return line
