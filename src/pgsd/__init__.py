@@ -1,0 +1,61 @@
+"""pgsd: PostgreSQL connection pools for asyncio and trio."""
+
+from __future__ import annotations
+
+from ._config import ConnectorConfig as ConnectorConfig
+from ._config import DatabaseConfig as DatabaseConfig
+from ._config import PoolConfig as PoolConfig
+from ._config import load_config as load_config
+from ._connection import Connection as Connection
+from ._connection import connect as connect
+from ._errors import AuthenticationError as AuthenticationError
+from ._errors import ConfigError as ConfigError
+from ._errors import ConnectError as ConnectError
+from ._errors import ConnectTimeout as ConnectTimeout
+from ._errors import DatabaseNotFound as DatabaseNotFound
+from ._errors import InsufficientPrivileges as InsufficientPrivileges
+from ._errors import PgsdError as PgsdError
+from ._errors import PoolClosed as PoolClosed
+from ._errors import PoolTimeout as PoolTimeout
+from ._errors import ServerUnavailable as ServerUnavailable
+from ._errors import TooManyConnections as TooManyConnections
+from ._errors import TooManyWaiters as TooManyWaiters
+from ._errors import UnsupportedServerVersion as UnsupportedServerVersion
+from ._permissions import PermissionReport as PermissionReport
+from ._permissions import RoleAttributes as RoleAttributes
+from ._permissions import check_permissions as check_permissions
+from ._permissions import require_permissions as require_permissions
+from ._version import MIN_SERVER_VERSION as MIN_SERVER_VERSION
+from ._version import ServerVersion as ServerVersion
+from ._version import get_version as get_version
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MIN_SERVER_VERSION",
+    "AuthenticationError",
+    "ConfigError",
+    "ConnectError",
+    "ConnectTimeout",
+    "Connection",
+    "ConnectorConfig",
+    "DatabaseConfig",
+    "DatabaseNotFound",
+    "InsufficientPrivileges",
+    "PermissionReport",
+    "PgsdError",
+    "PoolClosed",
+    "PoolConfig",
+    "PoolTimeout",
+    "RoleAttributes",
+    "ServerUnavailable",
+    "ServerVersion",
+    "TooManyConnections",
+    "TooManyWaiters",
+    "UnsupportedServerVersion",
+    "check_permissions",
+    "connect",
+    "get_version",
+    "load_config",
+    "require_permissions",
+]

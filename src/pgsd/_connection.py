@@ -1,0 +1,563 @@
+"""psycopg's AsyncConnection, driven by anyio: the one module that knows the backend.
+
+psycopg 3 waits on its socket through asyncio (``loop.add_reader``), guards
+the connection with an ``asyncio.Lock``, resolves host names through
+asyncio and, when a query is interrupted, cancels it and then waits again
+without a deadline. :class:`Connection` replaces each of these pieces:
+
+* ``wait()`` drives psycopg's non-blocking generators with
+  ``anyio.wait_readable`` / ``anyio.wait_writable``, so every psycopg feature
+  built on it (cursors, server-side cursors, transactions, pipeline mode,
+  COPY, notifications) runs under asyncio and trio;
+* ``connect()`` drives libpq's connect poll the same way, resolves host
+  names with anyio, and bounds every attempt by ``connect_timeout``;
+* the lock is an anyio lock;
+* cancellation is bounded: when the caller's cancel scope fires while a
+  query runs, the server is sent a cancel request and the connection gets
+  ``cancel_grace`` seconds to become idle; if it does not, it is closed.
+  The cancellation then propagates.
+
+This relies on a few psycopg internals (listed in ``PSYCOPG_INTERNALS``);
+the supported psycopg versions are pinned in pyproject.toml and a test
+checks that each internal is still there.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import select
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+import anyio
+import psycopg
+from psycopg import errors as e
+from psycopg import pq
+from psycopg._capabilities import capabilities
+from psycopg._conninfo_utils import get_param, is_ip_address, split_attempts
+from psycopg.abc import PQGen, PQGenConn
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import Row, TupleRow
+from psycopg.waiting import Ready, Wait
+
+from ._config import DatabaseConfig
+from ._errors import connect_error_from, redact
+
+__all__ = ["PSYCOPG_CONNECTION_ATTRIBUTES", "PSYCOPG_INTERNALS", "Connection", "connect"]
+
+logger = logging.getLogger("pgsd.connection")
+
+RV = TypeVar("RV")
+
+_WAIT_R: Final = Wait.R
+_WAIT_W: Final = Wait.W
+_READY_R: Final = Ready.R
+_READY_W: Final = Ready.W
+_ACTIVE: Final = pq.TransactionStatus.ACTIVE
+_POLL_OK: Final = pq.PollingStatus.OK
+_POLL_READING: Final = pq.PollingStatus.READING
+_POLL_WRITING: Final = pq.PollingStatus.WRITING
+_POLL_FAILED: Final = pq.PollingStatus.FAILED
+_BAD: Final = pq.ConnStatus.BAD
+
+#: Seconds a cancelled query may take to stop before its connection is closed.
+DEFAULT_CANCEL_GRACE: Final = 2.0
+
+#: The psycopg internals this module uses, checked by the test suite.
+PSYCOPG_INTERNALS: Final = (
+    "psycopg.AsyncConnection.wait",
+    "psycopg.AsyncConnection._should_cancel",
+    "psycopg.AsyncTransaction.__aexit__",
+    "psycopg.pq.PGconn.connect_start",
+    "psycopg.pq.PGconn.connect_poll",
+    "psycopg.pq.PGconn.cancel_conn",
+    "psycopg.errors._WaitTimeout",
+    "psycopg._conninfo_utils.split_attempts",
+    "psycopg._conninfo_utils.get_param",
+    "psycopg._conninfo_utils.is_ip_address",
+    "psycopg._capabilities.capabilities.has_cancel_safe",
+    "psycopg.waiting.Wait",
+    "psycopg.waiting.Ready",
+)
+#: Attributes psycopg sets on each connection that this module reads or replaces.
+PSYCOPG_CONNECTION_ATTRIBUTES: Final = ("lock", "_autocommit", "_adapters", "_closed", "_pipeline")
+
+
+def _poll_ready(fileno: int, state: int) -> int:
+    """The readiness of ``fileno`` right now, without waiting."""
+    events = (select.POLLIN if state & _WAIT_R else 0) | (select.POLLOUT if state & _WAIT_W else 0)
+    poller = select.poll()
+    poller.register(fileno, events)
+    ready = 0
+    for _, ev in poller.poll(0):
+        if ev & (select.POLLIN | select.POLLERR | select.POLLHUP):
+            ready |= _READY_R
+        if ev & select.POLLOUT:
+            ready |= _READY_W
+    return ready
+
+
+async def _wait_either(fileno: int) -> int:
+    """Wait until ``fileno`` is readable or writable; return which."""
+    result = 0
+
+    async def wait(waiter: Any, flag: int, scope: anyio.CancelScope) -> None:
+        nonlocal result
+        await waiter(fileno)
+        result |= flag
+        scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait, anyio.wait_readable, _READY_R, tg.cancel_scope)
+        tg.start_soon(wait, anyio.wait_writable, _READY_W, tg.cancel_scope)
+    return result
+
+
+async def _wait_fd(fileno: int, state: int) -> int:
+    """Wait until ``fileno`` is ready for ``state``; return the readiness."""
+    if state == _WAIT_R:
+        await anyio.wait_readable(fileno)
+        return _READY_R
+    # A socket asked for writing is nearly always writable: a zero-timeout
+    # poll is cheaper than a trip through the event loop.
+    ready = _poll_ready(fileno, state)
+    if ready:
+        await anyio.lowlevel.checkpoint()
+        return ready
+    if state == _WAIT_W:
+        await anyio.wait_writable(fileno)
+        return _READY_W
+    # Read and write: libpq must be able to read while its send buffer is
+    # full, or both ends could block on each other.
+    return await _wait_either(fileno)
+
+
+class _Driver:
+    """Drives one psycopg generator, remembering where it stopped.
+
+    Kept as an object so that, when the caller is cancelled, the same
+    generator can be resumed to read the server's answer to the cancel
+    request.
+    """
+
+    __slots__ = ("gen", "state")
+
+    def __init__(self, gen: PQGen[Any]) -> None:
+        self.gen = gen
+        self.state: int | None = None
+
+    async def run(self, fileno: int) -> Any:
+        gen = self.gen
+        try:
+            state = next(gen) if self.state is None else self.state
+            while True:
+                self.state = state
+                ready = await _wait_fd(fileno, state)
+                state = gen.send(ready)
+        except StopIteration as ex:
+            return ex.value
+        except OSError as ex:
+            raise e.OperationalError("connection socket closed") from ex
+
+
+async def _drive_conn(gen: PQGenConn[RV]) -> RV:
+    """Drive a generator that names its own socket (connect, cancel)."""
+    try:
+        fileno, state = next(gen)
+        while True:
+            ready = await _wait_fd(fileno, state)
+            fileno, state = gen.send(ready)
+    except StopIteration as ex:
+        rv: RV = ex.value
+        return rv
+    except OSError as ex:
+        raise e.OperationalError("connection socket closed") from ex
+
+
+def _connect_gen(pgconn: pq.abc.PGconn, conninfo: str) -> PQGenConn[None]:
+    """libpq's non-blocking connect, the caller owning ``pgconn``."""
+    while True:
+        if pgconn.status == _BAD:
+            raise e.OperationalError(
+                f"connection is bad: {pgconn.get_error_message()}", pgconn=pgconn
+            )
+        status = pgconn.connect_poll()
+        if status == _POLL_OK:
+            break
+        if status in (_POLL_READING, _POLL_WRITING):
+            wait = _WAIT_R if status == _POLL_READING else _WAIT_W
+            while not (yield pgconn.socket, wait):
+                pass
+        elif status == _POLL_FAILED:
+            raise e.OperationalError(
+                f"connection failed: {pgconn.get_error_message()}", pgconn=pgconn
+            )
+        else:
+            raise e.InternalError(f"unexpected poll status: {status}", pgconn=pgconn)
+    pgconn.nonblocking = 1
+
+
+def _cancel_gen(pgconn: pq.abc.PGconn) -> PQGenConn[None]:
+    """Send a cancel request without blocking (libpq 17 and later)."""
+    cancel_conn = pgconn.cancel_conn()
+    try:
+        cancel_conn.start()
+        while True:
+            status = cancel_conn.poll()
+            if status == _POLL_OK:
+                return
+            if status == _POLL_FAILED:
+                raise e.OperationalError(f"cancellation failed: {cancel_conn.get_error_message()}")
+            wait = _WAIT_R if status == _POLL_READING else _WAIT_W
+            while not (yield cancel_conn.socket, wait):
+                pass
+    finally:
+        # Also when abandoned at the grace deadline: never leak the socket.
+        cancel_conn.finish()
+
+
+async def _resolve(attempt: dict[str, Any]) -> list[dict[str, Any]]:
+    """Resolve ``host`` into ``hostaddr`` with anyio, one attempt per address."""
+    host = get_param(attempt, "host")
+    if not host or host.startswith("/") or host[1:2] == ":" or get_param(attempt, "hostaddr"):
+        return [attempt]
+    if is_ip_address(host):
+        return [{**attempt, "hostaddr": host}]
+    port = get_param(attempt, "port") or "5432"
+    infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    return [{**attempt, "hostaddr": str(info[4][0])} for info in infos]
+
+
+async def _attempts(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """One connection attempt per host and address, in libpq's order."""
+    prefer_standby = get_param(params, "target_session_attrs") == "prefer-standby"
+    if prefer_standby:
+        params = {k: v for k, v in params.items() if k != "target_session_attrs"}
+    attempts: list[dict[str, Any]] = []
+    last_error: OSError | None = None
+    for attempt in split_attempts(params):
+        try:
+            attempts.extend(await _resolve(attempt))
+        except OSError as ex:
+            last_error = ex
+            logger.debug("could not resolve host %r: %s", attempt.get("host"), ex)
+    if not attempts:
+        raise e.OperationalError(f"could not translate host name to address: {last_error}")
+    if get_param(params, "load_balance_hosts") == "random":
+        random.shuffle(attempts)
+    if prefer_standby:
+        # First any standby, then whatever answers.
+        attempts = [{**a, "target_session_attrs": "standby"} for a in attempts] + attempts
+    return attempts
+
+
+def _describe(attempt: dict[str, Any]) -> str:
+    return f"host {attempt.get('host')!r} port {attempt.get('port')!r}"
+
+
+async def _connect_one(conninfo: str, seconds: float) -> pq.abc.PGconn:
+    """One attempt, bounded by ``seconds``; the PGconn is never leaked."""
+    pgconn = pq.PGconn.connect_start(conninfo.encode())
+    try:
+        with anyio.fail_after(seconds):
+            await _drive_conn(_connect_gen(pgconn, conninfo))
+    except TimeoutError:
+        pgconn.finish()
+        raise e.ConnectionTimeout("connection timeout expired") from None
+    except BaseException:
+        pgconn.finish()
+        raise
+    return pgconn
+
+
+class Connection(psycopg.AsyncConnection[Row]):
+    """A psycopg ``AsyncConnection`` that runs under asyncio and trio.
+
+    Everything psycopg's connection offers works the same on both backends.
+    On top of it, cancellation is bounded: if the task running a query is
+    cancelled, a cancel request goes to the server and the connection has
+    ``cancel_grace`` seconds to become idle, after which it is closed.
+    """
+
+    __module__ = "pgsd"
+
+    #: Seconds a cancelled query may take to stop before the connection is closed.
+    cancel_grace: float = DEFAULT_CANCEL_GRACE
+
+    def __init__(self, pgconn: pq.abc.PGconn, row_factory: Any = None) -> None:
+        if row_factory is None:
+            super().__init__(pgconn)
+        else:
+            super().__init__(pgconn, row_factory)
+        # psycopg's asyncio.Lock breaks under trio once contended.
+        self.lock = anyio.Lock(fast_acquire=True)  # type: ignore[assignment]
+
+    @classmethod
+    async def connect(  # type: ignore[override]
+        cls,
+        conninfo: str = "",
+        *,
+        autocommit: bool = False,
+        prepare_threshold: int | None = 5,
+        row_factory: Any = None,
+        cursor_factory: Any = None,
+        context: Any = None,
+        connect_timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Connection[Any]:
+        """Connect to a server: psycopg's ``connect()``, on either backend.
+
+        Each host of a multi-host conninfo, and each address a host name
+        resolves to, is tried in turn; each attempt gets ``connect_timeout``
+        seconds (default: the conninfo's ``connect_timeout``, else 30).
+
+        Raises:
+            psycopg.OperationalError: no attempt succeeded (the message lists
+                each attempt's failure).
+        """
+        params = conninfo_to_dict(conninfo, **kwargs)
+        if connect_timeout is None:
+            connect_timeout = float(get_param(params, "connect_timeout") or 30.0)
+        errors: list[tuple[e.Error, str]] = []
+        pgconn: pq.abc.PGconn | None = None
+        for attempt in await _attempts(params):
+            descr = _describe(attempt)
+            try:
+                pgconn = await _connect_one(make_conninfo("", **attempt), connect_timeout)
+            except e.Error as ex:
+                logger.debug("connection attempt failed: %s: %s", descr, redact(str(ex)))
+                errors.append((ex, descr))
+            else:
+                break
+        if pgconn is None:
+            raise _combine(errors)
+        rv: Connection[Any] = cls(pgconn)
+        rv._autocommit = bool(autocommit)
+        if row_factory is not None:
+            rv.row_factory = row_factory
+        if cursor_factory is not None:
+            rv.cursor_factory = cursor_factory
+        if context is not None:
+            rv._adapters = psycopg.adapt.AdaptersMap(context.adapters)
+        rv.prepare_threshold = prepare_threshold
+        return rv
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        """Commit if the block succeeded, then close; on error just close.
+
+        Closing rolls back on the server, and needs no wait that a
+        cancellation could interrupt: the connection is never left open.
+        """
+        try:
+            if exc_type is None and not self.closed:
+                await self.commit()
+        finally:
+            await self.close()
+
+    @asynccontextmanager
+    async def transaction(
+        self, savepoint_name: str | None = None, force_rollback: bool = False
+    ) -> AsyncIterator[psycopg.AsyncTransaction]:
+        """A transaction block, as psycopg's, whose rollback survives cancellation.
+
+        When the block is left by an exception (a cancellation included),
+        the rollback runs shielded from cancellation and bounded by
+        ``cancel_grace``; if it cannot finish in time the connection is
+        closed.
+        """
+        tx = _Transaction(self, savepoint_name, force_rollback)
+        if self._pipeline:
+            async with self.pipeline(), tx, self.pipeline():
+                yield tx
+        else:
+            async with tx:
+                yield tx
+
+    async def wait(
+        self,
+        gen: PQGen[RV],
+        interval: float = 0.0,
+        timeout: float | None = None,  # noqa: ASYNC109 (psycopg's own signature)
+    ) -> RV:
+        """Consume a psycopg generator operating on this connection.
+
+        Raises:
+            psycopg.errors._WaitTimeout: ``timeout`` expired (psycopg's
+                ``notifies()`` expects exactly this).
+        """
+        driver = _Driver(gen)
+        fileno = self.pgconn.socket
+        try:
+            if timeout is None:
+                result: RV = await driver.run(fileno)
+                return result
+            with anyio.move_on_after(timeout):
+                result = await driver.run(fileno)
+                return result
+            raise e._WaitTimeout("wait timeout expired")
+        except (anyio.get_cancelled_exc_class(), KeyboardInterrupt):
+            await self._settle_after_interrupt(driver, fileno)
+            raise
+
+    async def _settle_after_interrupt(self, driver: _Driver, fileno: int) -> None:
+        """Leave the connection idle, or closed, after the caller was interrupted.
+
+        Shielded, so that the cleanup itself cannot be cancelled, and bounded
+        by ``cancel_grace``, so that a server that does not answer (half-open
+        TCP, black-holed network) cannot hang the caller.
+        """
+        if self.closed or self.pgconn.transaction_status != _ACTIVE:
+            return
+        settled = False
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + self.cancel_grace
+            try:
+                await self._send_cancel()
+                await driver.run(fileno)
+            except e.QueryCanceled:
+                pass
+            except e.Error as ex:
+                logger.debug("error while cancelling query: %s", redact(str(ex)))
+            settled = not scope.cancel_called
+        if not settled or self.pgconn.transaction_status == _ACTIVE:
+            logger.warning(
+                "query not stopped %.1f s after cancellation: closing the connection",
+                self.cancel_grace,
+            )
+            self._abort()
+
+    async def _send_cancel(self) -> None:
+        """Ask the server to cancel the running query."""
+        if capabilities.has_cancel_safe():
+            await _drive_conn(_cancel_gen(self.pgconn))
+        else:
+            # libpq before 17 only has a blocking cancel: run it in a thread
+            # that is abandoned if the grace period ends first.
+            cancel = self.pgconn.get_cancel()
+            await anyio.to_thread.run_sync(cancel.cancel, abandon_on_cancel=True)
+
+    async def cancel_safe(self, *, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+        """Ask the server to cancel the current operation, waiting at most ``timeout`` s.
+
+        Raises:
+            psycopg.errors.CancellationTimeout: no answer within ``timeout``.
+        """
+        if not self._should_cancel():
+            return
+        with anyio.move_on_after(timeout):
+            await self._send_cancel()
+            return
+        raise e.CancellationTimeout("cancellation timeout expired")
+
+    def _abort(self) -> None:
+        """Close at once, waking any task that waits on the socket."""
+        if self.closed:
+            return
+        try:
+            fileno = self.pgconn.socket
+        except e.OperationalError:
+            fileno = -1
+        if fileno >= 0:
+            anyio.notify_closing(fileno)
+        self._closed = True
+        self.pgconn.finish()
+
+    async def close(self) -> None:
+        """Close the connection (no I/O wait: libpq sends Terminate and closes)."""
+        self._abort()
+        await anyio.lowlevel.checkpoint()
+
+
+class _Transaction(psycopg.AsyncTransaction):
+    """psycopg's transaction block with a shielded, bounded exit on error."""
+
+    _conn: Connection[Any]
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> bool:
+        if exc_type is None:
+            return await super().__aexit__(exc_type, exc_val, exc_tb)
+        conn = self._conn
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + conn.cancel_grace
+            try:
+                return await super().__aexit__(exc_type, exc_val, exc_tb)
+            except e.Error as ex:
+                # The block's own exception matters more than the rollback's.
+                logger.debug("rollback after error failed: %s", redact(str(ex)))
+        if scope.cancel_called:
+            logger.warning("rollback not done in %.1f s: closing the connection", conn.cancel_grace)
+        conn._abort()
+        return False
+
+
+def _combine(errors: list[tuple[e.Error, str]]) -> e.Error:
+    """One error for all failed attempts, of the last one's type."""
+    last = errors[-1][0]
+    if len(errors) == 1:
+        return last.with_traceback(None)
+    lines = [str(last), "Multiple connection attempts failed. All failures were:"]
+    lines.extend(f"- {descr}: {error}" for error, descr in errors)
+    combined = type(last)("\n".join(lines), pgconn=last.pgconn)
+    return combined
+
+
+async def connect(
+    target: DatabaseConfig | str,
+    *,
+    autocommit: bool = True,
+    **kwargs: Any,
+) -> Connection[TupleRow]:
+    """Open one connection, with no pool, under asyncio or trio.
+
+    Args:
+        target: a :class:`DatabaseConfig`, or a DSN (URL or key=value).
+        autocommit: connections start in autocommit mode, as pooled ones do;
+            open a transaction with ``async with conn.transaction()``.
+        kwargs: passed to :meth:`Connection.connect` (``row_factory``,
+            ``prepare_threshold``, ...).
+
+    Raises:
+        pgsd.ConfigError: the DSN cannot be parsed.
+        pgsd.ConnectError: the server could not be reached or refused the
+            connection; the subclass says why (``AuthenticationError``,
+            ``DatabaseNotFound``, ``ConnectTimeout``, ``ServerUnavailable``,
+            ``TooManyConnections``) and the psycopg error is the
+            ``__cause__``.
+    """
+    config = target if isinstance(target, DatabaseConfig) else DatabaseConfig.from_dsn(target)
+    try:
+        conn = await Connection.connect(
+            config.conninfo(),
+            autocommit=autocommit,
+            connect_timeout=config.connect_timeout,
+            **kwargs,
+        )
+    except e.Error as ex:
+        err = connect_error_from(
+            ex, database=config.display_name, host=config.host, port=config.port
+        )
+        logger.debug("connect to %s failed: %s", config.display_name, err)
+        raise err from ex
+    conn.cancel_grace = config.cancel_grace
+    logger.debug(
+        "connected to %s at %s:%s (server pid %s)",
+        config.display_name,
+        conn.info.host,
+        conn.info.port,
+        conn.info.backend_pid,
+    )
+    return conn

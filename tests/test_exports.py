@@ -1,0 +1,64 @@
+"""The public API: exactly the names DESIGN.md fixes, each documented."""
+
+from __future__ import annotations
+
+import pgsd
+
+EXPECTED = {
+    "AuthenticationError",
+    "ConfigError",
+    "ConnectError",
+    "ConnectTimeout",
+    "Connection",
+    "ConnectorConfig",
+    "DatabaseConfig",
+    "DatabaseNotFound",
+    "InsufficientPrivileges",
+    "MIN_SERVER_VERSION",
+    "PermissionReport",
+    "PgsdError",
+    "PoolClosed",
+    "PoolConfig",
+    "PoolTimeout",
+    "RoleAttributes",
+    "ServerUnavailable",
+    "ServerVersion",
+    "TooManyConnections",
+    "TooManyWaiters",
+    "UnsupportedServerVersion",
+    "check_permissions",
+    "connect",
+    "get_version",
+    "load_config",
+    "require_permissions",
+}
+
+
+def test_all_lists_the_public_api() -> None:
+    assert set(pgsd.__all__) == EXPECTED
+
+
+def test_every_public_name_is_importable_and_documented() -> None:
+    for name in pgsd.__all__:
+        obj = getattr(pgsd, name)
+        if callable(obj):
+            assert obj.__doc__, f"pgsd.{name} has no docstring"
+
+
+def test_errors_share_one_root_and_show_as_pgsd() -> None:
+    for name in pgsd.__all__:
+        obj = getattr(pgsd, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, pgsd.PgsdError)
+            assert obj.__module__ == "pgsd"
+
+
+def test_connect_errors_are_connect_error_kinds() -> None:
+    for kind in (
+        pgsd.AuthenticationError,
+        pgsd.DatabaseNotFound,
+        pgsd.ConnectTimeout,
+        pgsd.ServerUnavailable,
+        pgsd.TooManyConnections,
+    ):
+        assert issubclass(kind, pgsd.ConnectError)
