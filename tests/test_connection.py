@@ -376,3 +376,14 @@ def test_psycopg_version_is_a_tested_minor() -> None:
         f"pgsd is tested with psycopg 3.3, found {psycopg.__version__}: "
         "check src/pgsd/_connection.py against the new version and update the pin"
     )
+
+
+async def test_queries_log_nothing_at_info(
+    conn: pgsd.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="pgsd")
+    for i in range(50):
+        await conn.execute("SELECT %s", [i])
+    async with conn.transaction():
+        await conn.execute("SELECT 1")
+    assert [r for r in caplog.records if r.name.startswith("pgsd")] == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ._config import ConnectorConfig as ConnectorConfig
 from ._config import DatabaseConfig as DatabaseConfig
 from ._config import PoolConfig as PoolConfig
-from ._config import load_config as load_config
+from ._config_file import load_config as load_config
 from ._connection import Connection as Connection
 from ._connection import connect as connect
 from ._errors import AuthenticationError as AuthenticationError

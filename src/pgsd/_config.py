@@ -1,20 +1,18 @@
-"""Configuration: pool settings, database settings and the TOML file loader.
+"""Configuration classes: pool settings, database settings and the connector's databases.
 
+Each class checks its own values and raises `ConfigError` naming the field.
 Everything libpq already does (PG* environment variables, the passfile, the
 service file, several hosts) is passed through to libpq, not re-implemented.
+The TOML file loader, `load_config`, is in `._config_file`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import math
-import os
 import re
-import tomllib
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Self, TypeVar
 
@@ -24,7 +22,13 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from ._errors import ConfigError, format_address, is_secret_key
 from ._permissions import parse_requirement
 
-__all__ = ["ConnectorConfig", "DatabaseConfig", "PoolConfig", "load_config"]
+__all__ = [
+    "POOL_HOOKS",
+    "ConnectorConfig",
+    "DatabaseConfig",
+    "PoolConfig",
+    "is_libpq_keyword",
+]
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
@@ -139,7 +143,8 @@ _POOL_POSITIVE = (
     "close_timeout",
 )
 _POOL_FRACTIONS = ("lifetime_jitter", "reconnect_jitter")
-_POOL_HOOKS = ("configure", "reset")
+#: The PoolConfig fields that hold callables, which a config file cannot set.
+POOL_HOOKS = ("configure", "reset")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -216,7 +221,7 @@ class PoolConfig:
         object.__setattr__(self, key, value)
 
     def _check_hooks(self) -> None:
-        for key in _POOL_HOOKS:
+        for key in POOL_HOOKS:
             hook = getattr(self, key)
             if hook is not None and not callable(hook):
                 raise ConfigError(f"must be an async callable or None, got {hook!r}", key=key)
@@ -328,12 +333,12 @@ def _normalize_extra(value: object) -> _FrozenMap[str, str]:
 def _check_extra_keyword(keyword: object) -> None:
     if keyword in _LIBPQ_FIELDS:
         raise ConfigError(f"{keyword}: set the {keyword} field instead", key="extra")
-    if not isinstance(keyword, str) or not _is_libpq_keyword(keyword):
+    if not isinstance(keyword, str) or not is_libpq_keyword(keyword):
         raise ConfigError(f"{keyword!r} is not a libpq connection keyword", key="extra")
 
 
 @functools.lru_cache(maxsize=128)
-def _is_libpq_keyword(keyword: str) -> bool:
+def is_libpq_keyword(keyword: str) -> bool:
     """Ask libpq's own parser, so the answer matches the libpq in use."""
     if not _KEYWORD.fullmatch(keyword):
         return False
@@ -562,181 +567,3 @@ def _named(name: object, database: object) -> DatabaseConfig:
     if not isinstance(database, DatabaseConfig):
         raise ConfigError(f"must be a DatabaseConfig, got {database!r}", key=f"databases.{name}")
     return database if database.name == name else database.replace(name=name)
-
-
-# --- load_config -------------------------------------------------------------
-
-_POOL_FILE_KEYS = tuple(f.name for f in dataclasses.fields(PoolConfig) if f.name not in _POOL_HOOKS)
-_DATABASE_FILE_KEYS = (
-    *(f.name for f in dataclasses.fields(DatabaseConfig) if f.name not in ("pool", "name")),
-    "dsn",
-    "password_env",
-    "pool",
-)
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def load_config(
-    path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
-) -> ConnectorConfig:
-    """Read a TOML configuration file.
-
-    The file has a ``[pool]`` table of defaults and one ``[databases.NAME]``
-    table per database, holding `DatabaseConfig` keys, or a ``dsn`` that the
-    other keys override. ``password_env = "VAR"`` reads the password from
-    the environment variable VAR (in *environ*, by default `os.environ`).
-    Other libpq keywords (``keepalives_idle = 30``) are passed through as
-    ``extra``. ``[databases.NAME.pool]`` overrides the ``[pool]`` keys it
-    sets. Relative file names (``passfile``, ``sslrootcert``...) are passed
-    to libpq as written.
-
-    Raises `ConfigError` naming the file, the dotted key and the problem for
-    a missing or unreadable file, invalid TOML, an unknown key, a value of
-    the wrong type or out of range, or an unset ``password_env`` variable.
-    """
-    file = os.fspath(path)
-    document = _read_toml(file)
-    try:
-        return _build_connector(document, os.environ if environ is None else environ)
-    except ConfigError as exc:
-        raise ConfigError(exc.problem, path=file, key=exc.key) from None
-
-
-def _read_toml(file: str) -> dict[str, Any]:
-    try:
-        with open(file, "rb") as stream:
-            return tomllib.load(stream)
-    except FileNotFoundError:
-        raise ConfigError("file not found", path=file) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read the file: {exc.strerror}", path=file) from None
-    except UnicodeDecodeError:
-        raise ConfigError("not valid UTF-8", path=file) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"invalid TOML: {exc}", path=file) from None
-
-
-def _build_connector(document: dict[str, Any], environ: Mapping[str, str]) -> ConnectorConfig:
-    _check_keys(document, ("pool", "databases"), ())
-    pool_defaults = _table(document.get("pool", {}), "pool")
-    _check_keys(pool_defaults, _POOL_FILE_KEYS, ("pool",))
-    with _key_prefix("pool"):
-        pool = PoolConfig(**pool_defaults)
-    tables = _database_tables(document)
-    databases = {
-        name: _build_database(name, table, pool_defaults, environ) for name, table in tables.items()
-    }
-    return ConnectorConfig(databases=databases, pool=pool)
-
-
-def _database_tables(document: dict[str, Any]) -> dict[str, Any]:
-    if "databases" not in document:
-        raise ConfigError("missing: add a [databases.NAME] table per database", key="databases")
-    tables = _table(document["databases"], "databases")
-    if not tables:
-        raise ConfigError("no database configured: add a [databases.NAME] table", key="databases")
-    if "" in tables:
-        raise ConfigError("database names must not be empty", key="databases")
-    return tables
-
-
-def _build_database(
-    name: str, raw: object, pool_defaults: dict[str, Any], environ: Mapping[str, str]
-) -> DatabaseConfig:
-    table = dict(_table(raw, _dotted("databases", name)))
-    prefix = ("databases", name)
-    _check_keys(table, _DATABASE_FILE_KEYS, prefix, allow=_is_libpq_keyword)
-    dsn = table.pop("dsn", None)
-    _move_libpq_keywords(table, prefix)
-    _resolve_password(table, environ, prefix)
-    if "pool" in table:
-        table["pool"] = _database_pool(table["pool"], pool_defaults, (*prefix, "pool"))
-    with _key_prefix(_dotted(*prefix)):
-        if dsn is None:
-            return DatabaseConfig(name=name, **table)
-        return DatabaseConfig.from_dsn(dsn, name=name, **table)
-
-
-def _move_libpq_keywords(table: dict[str, Any], prefix: tuple[str, ...]) -> None:
-    """Move keys that are libpq keywords without a field of their own into ``extra``."""
-    extra = dict(_table(table.get("extra", {}), _dotted(*prefix, "extra")))
-    for key in [k for k in table if k not in _DATABASE_FILE_KEYS]:
-        value = table.pop(key)
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise ConfigError(
-                f"must be a string or a number, got {value!r}", key=_dotted(*prefix, key)
-            )
-        extra[key] = value
-    if extra:
-        table["extra"] = extra
-
-
-def _resolve_password(
-    table: dict[str, Any], environ: Mapping[str, str], prefix: tuple[str, ...]
-) -> None:
-    if "password_env" not in table:
-        return
-    variable = table.pop("password_env")
-    key = _dotted(*prefix, "password_env")
-    if not isinstance(variable, str) or not variable:
-        raise ConfigError(f"must be an environment variable name, got {variable!r}", key=key)
-    if "password" in table:
-        raise ConfigError("set either password or password_env, not both", key=key)
-    password = environ.get(variable)
-    if not password:
-        state = "is not set" if password is None else "is empty"
-        raise ConfigError(f"environment variable {variable!r} {state}", key=key)
-    table["password"] = password
-
-
-def _database_pool(
-    raw: object, pool_defaults: dict[str, Any], prefix: tuple[str, ...]
-) -> PoolConfig:
-    overrides = _table(raw, _dotted(*prefix))
-    _check_keys(overrides, _POOL_FILE_KEYS, prefix)
-    with _key_prefix(_dotted(*prefix)):
-        return PoolConfig(**{**pool_defaults, **overrides})
-
-
-def _table(value: object, key: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ConfigError(f"must be a table, got {value!r}", key=key)
-    return value
-
-
-def _check_keys(
-    table: dict[str, Any],
-    known: tuple[str, ...],
-    prefix: tuple[str, ...],
-    *,
-    allow: Callable[[str], bool] = lambda key: False,
-) -> None:
-    for key in table:
-        if key in known or allow(key):
-            continue
-        if key in _POOL_HOOKS:
-            problem = f"a callable cannot be set in a file; set it in code: PoolConfig({key}=...)"
-        else:
-            close = difflib.get_close_matches(key, known, n=1)
-            problem = f"unknown key (did you mean {close[0]!r}?)" if close else "unknown key"
-        raise ConfigError(problem, key=_dotted(*prefix, key))
-
-
-def _dotted(*parts: str) -> str:
-    """Join TOML keys, quoting those that are not bare keys: ``databases."my db".port``."""
-    return ".".join(part if _BARE_KEY.fullmatch(part) else _quoted(part) for part in parts)
-
-
-def _quoted(part: str) -> str:
-    escaped = part.replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
-
-
-@contextmanager
-def _key_prefix(prefix: str) -> Iterator[None]:
-    """Qualify the key of a `ConfigError` raised inside with *prefix*."""
-    try:
-        yield
-    except ConfigError as exc:
-        key = f"{prefix}.{exc.key}" if exc.key else prefix
-        raise ConfigError(exc.problem, key=key) from None
