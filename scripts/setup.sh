@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 python=.venv/bin/python
 if [ ! -x "$python" ]; then
-    python3 -m venv .venv
+    python3 -m venv .venv  # normally made by ./activate already
 fi
 
 # Reinstall only when pyproject.toml changed since the last install.
