@@ -25,6 +25,9 @@ from ._permissions import PermissionReport as PermissionReport
 from ._permissions import RoleAttributes as RoleAttributes
 from ._permissions import check_permissions as check_permissions
 from ._permissions import require_permissions as require_permissions
+from ._pool import ConnectionPool as ConnectionPool
+from ._stats import PoolState as PoolState
+from ._stats import PoolStats as PoolStats
 from ._version import MIN_SERVER_VERSION as MIN_SERVER_VERSION
 from ._version import ServerVersion as ServerVersion
 from ._version import get_version as get_version
@@ -38,6 +41,7 @@ __all__ = [
     "ConnectError",
     "ConnectTimeout",
     "Connection",
+    "ConnectionPool",
     "ConnectorConfig",
     "DatabaseConfig",
     "DatabaseNotFound",
@@ -46,6 +50,8 @@ __all__ = [
     "PgsdError",
     "PoolClosed",
     "PoolConfig",
+    "PoolState",
+    "PoolStats",
     "PoolTimeout",
     "RoleAttributes",
     "ServerUnavailable",

@@ -287,6 +287,9 @@ class Connection(psycopg.AsyncConnection[Row]):
 
     #: Seconds a cancelled query may take to stop before the connection is closed.
     cancel_grace: float = DEFAULT_CANCEL_GRACE
+    # Set while pinging: an interrupted ping closes the connection at once,
+    # since a connection that does not answer a ping is not worth saving.
+    _abort_on_interrupt: bool = False
 
     def __init__(self, pgconn: pq.abc.PGconn, row_factory: Any = None) -> None:
         if row_factory is None:
@@ -405,8 +408,45 @@ class Connection(psycopg.AsyncConnection[Row]):
                 return result
             raise e._WaitTimeout("wait timeout expired")
         except (anyio.get_cancelled_exc_class(), KeyboardInterrupt):
-            await self._settle_after_interrupt(driver, fileno)
+            if self._abort_on_interrupt:
+                self._abort()
+            else:
+                await self._settle_after_interrupt(driver, fileno)
             raise
+
+    async def ping(self, timeout: float = 5.0) -> float:  # noqa: ASYNC109
+        """Send an empty query; return the round trip in seconds.
+
+        A connection that does not answer within ``timeout`` seconds is
+        closed (no cancel request, no grace period).
+
+        Raises:
+            psycopg.OperationalError: the connection is broken, or closed
+                for not answering in time.
+        """
+        start = anyio.current_time()
+        self._abort_on_interrupt = True
+        try:
+            with anyio.move_on_after(timeout):
+                await self.execute("")
+                return anyio.current_time() - start
+        finally:
+            self._abort_on_interrupt = False
+        self._abort()
+        raise e.OperationalError(f"no answer to a ping within {timeout:g} s: connection closed")
+
+    def input_pending(self) -> bool:
+        """Whether the server sent something unasked while the connection was idle.
+
+        On an idle connection this means a notice, a notification, or the
+        FATAL message of a terminated backend: worth a ping before lending.
+        """
+        if self.closed:
+            return True
+        try:
+            return bool(_poll_ready(self.pgconn.socket, _WAIT_R))
+        except (OSError, e.OperationalError):
+            return True
 
     async def _settle_after_interrupt(self, driver: _Driver, fileno: int) -> None:
         """Leave the connection idle, or closed, after the caller was interrupted.
