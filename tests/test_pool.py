@@ -328,6 +328,8 @@ async def test_terminated_idle_connections_are_invisible_to_the_next_borrowers(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
             [config.application_name],
         )
+        # pg_terminate_backend only signals: wait until the backends have gone.
+        await wait_until_gone(pg_server, config.application_name)
         for _ in range(10):
             async with pool.connection() as conn:
                 cur = await conn.execute("SELECT 1")

@@ -28,7 +28,7 @@ import logging
 import random
 import select
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, Final, TypeVar
@@ -44,6 +44,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import Row, TupleRow
 from psycopg.waiting import Ready, Wait
 
+from ._backend import FdWaiter, current_backend
 from ._config import DatabaseConfig
 from ._errors import connect_error_from, redact
 
@@ -101,26 +102,26 @@ def _poll_ready(fileno: int, state: int) -> int:
     return ready
 
 
-async def _wait_either(fileno: int) -> int:
-    """Wait until ``fileno`` is readable or writable; return which."""
+async def _wait_either(waiter: FdWaiter) -> int:
+    """Wait until the socket is readable or writable; return which."""
     result = 0
 
-    async def wait(waiter: Any, flag: int, scope: anyio.CancelScope) -> None:
+    async def wait(ready: Callable[[], Awaitable[None]], flag: int, scope: Any) -> None:
         nonlocal result
-        await waiter(fileno)
+        await ready()
         result |= flag
         scope.cancel()
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(wait, anyio.wait_readable, _READY_R, tg.cancel_scope)
-        tg.start_soon(wait, anyio.wait_writable, _READY_W, tg.cancel_scope)
+        tg.start_soon(wait, waiter.readable, _READY_R, tg.cancel_scope)
+        tg.start_soon(wait, waiter.writable, _READY_W, tg.cancel_scope)
     return result
 
 
-async def _wait_fd(fileno: int, state: int) -> int:
-    """Wait until ``fileno`` is ready for ``state``; return the readiness."""
+async def _wait_fd(waiter: FdWaiter, fileno: int, state: int) -> int:
+    """Wait until the socket is ready for ``state``; return the readiness."""
     if state == _WAIT_R:
-        await anyio.wait_readable(fileno)
+        await waiter.readable()
         return _READY_R
     # A socket asked for writing is nearly always writable: a zero-timeout
     # poll is cheaper than a trip through the event loop.
@@ -129,11 +130,11 @@ async def _wait_fd(fileno: int, state: int) -> int:
         await anyio.lowlevel.checkpoint()
         return ready
     if state == _WAIT_W:
-        await anyio.wait_writable(fileno)
+        await waiter.writable()
         return _READY_W
     # Read and write: libpq must be able to read while its send buffer is
     # full, or both ends could block on each other.
-    return await _wait_either(fileno)
+    return await _wait_either(waiter)
 
 
 class _Driver:
@@ -150,13 +151,13 @@ class _Driver:
         self.gen = gen
         self.state: int | None = None
 
-    async def run(self, fileno: int) -> Any:
+    async def run(self, waiter: FdWaiter, fileno: int) -> Any:
         gen = self.gen
         try:
             state = next(gen) if self.state is None else self.state
             while True:
                 self.state = state
-                ready = await _wait_fd(fileno, state)
+                ready = await _wait_fd(waiter, fileno, state)
                 state = gen.send(ready)
         except StopIteration as ex:
             return ex.value
@@ -166,16 +167,29 @@ class _Driver:
 
 async def _drive_conn(gen: PQGenConn[RV]) -> RV:
     """Drive a generator that names its own socket (connect, cancel)."""
+    backend = current_backend()
+    waiter: FdWaiter | None = None
+    last = -1
     try:
         fileno, state = next(gen)
         while True:
-            ready = await _wait_fd(fileno, state)
+            if fileno != last:
+                if waiter is not None:
+                    waiter.forget()
+                waiter, last = backend.fd_waiter(fileno), fileno
+            assert waiter is not None
+            ready = await _wait_fd(waiter, fileno, state)
             fileno, state = gen.send(ready)
     except StopIteration as ex:
         rv: RV = ex.value
         return rv
     except OSError as ex:
         raise e.OperationalError("connection socket closed") from ex
+    finally:
+        # The generator may have closed the socket (a failed attempt, the end
+        # of a cancel request): drop any registration with it.
+        if waiter is not None:
+            waiter.forget()
 
 
 def _connect_gen(pgconn: pq.abc.PGconn, conninfo: str) -> PQGenConn[None]:
@@ -290,6 +304,7 @@ class Connection(psycopg.AsyncConnection[Row]):
     # Set while pinging: an interrupted ping closes the connection at once,
     # since a connection that does not answer a ping is not worth saving.
     _abort_on_interrupt: bool = False
+    _fd_waiter: FdWaiter | None = None
 
     def __init__(self, pgconn: pq.abc.PGconn, row_factory: Any = None) -> None:
         if row_factory is None:
@@ -399,19 +414,28 @@ class Connection(psycopg.AsyncConnection[Row]):
         """
         driver = _Driver(gen)
         fileno = self.pgconn.socket
+        waiter = self._fd_waiter
+        if waiter is None:
+            waiter = self._fd_waiter = current_backend().fd_waiter(fileno)
         try:
             if timeout is None:
-                result: RV = await driver.run(fileno)
+                result: RV = await driver.run(waiter, fileno)
                 return result
             with anyio.move_on_after(timeout):
-                result = await driver.run(fileno)
+                result = await driver.run(waiter, fileno)
                 return result
             raise e._WaitTimeout("wait timeout expired")
         except (anyio.get_cancelled_exc_class(), KeyboardInterrupt):
             if self._abort_on_interrupt:
                 self._abort()
             else:
-                await self._settle_after_interrupt(driver, fileno)
+                await self._settle_after_interrupt(driver, waiter, fileno)
+            raise
+        except Exception:
+            if self.pgconn.status == _BAD:
+                # libpq closed the socket itself (connection lost).
+                self._fd_waiter = None
+                waiter.forget()
             raise
 
     async def ping(self, timeout: float = 5.0) -> float:  # noqa: ASYNC109
@@ -448,7 +472,9 @@ class Connection(psycopg.AsyncConnection[Row]):
         except (OSError, e.OperationalError):
             return True
 
-    async def _settle_after_interrupt(self, driver: _Driver, fileno: int) -> None:
+    async def _settle_after_interrupt(
+        self, driver: _Driver, waiter: FdWaiter, fileno: int
+    ) -> None:
         """Leave the connection idle, or closed, after the caller was interrupted.
 
         Shielded, so that the cleanup itself cannot be cancelled, and bounded
@@ -462,7 +488,7 @@ class Connection(psycopg.AsyncConnection[Row]):
             scope.deadline = anyio.current_time() + self.cancel_grace
             try:
                 await self._send_cancel()
-                await driver.run(fileno)
+                await driver.run(waiter, fileno)
             except e.QueryCanceled:
                 pass
             except e.Error as ex:
@@ -502,12 +528,12 @@ class Connection(psycopg.AsyncConnection[Row]):
         """Close at once, waking any task that waits on the socket."""
         if self.closed:
             return
-        try:
-            fileno = self.pgconn.socket
-        except e.OperationalError:
-            fileno = -1
-        if fileno >= 0:
-            anyio.notify_closing(fileno)
+        waiter, self._fd_waiter = self._fd_waiter, None
+        if waiter is not None:
+            if self.pgconn.status == _BAD:
+                waiter.forget()
+            else:
+                waiter.close()
         self._closed = True
         self.pgconn.finish()
 

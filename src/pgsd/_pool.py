@@ -639,8 +639,13 @@ class ConnectionPool:
                     num, minimum=self.pool_config.min_server_version, database=self.name
                 )
             if not self._version_logged:
-                version = await get_version(conn)
+                # Claimed before the await: connections open concurrently.
                 self._version_logged = True
+                try:
+                    version = await get_version(conn)
+                except BaseException:
+                    self._version_logged = False
+                    raise
                 logger.info(
                     "pool %r: %s at %s",
                     self.name,
