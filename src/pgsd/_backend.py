@@ -93,22 +93,30 @@ def _closed_error() -> OSError:
 
 
 class _AsyncioFdWaiter:
-    __slots__ = ("_fileno", "_loop", "_reader", "_registered")
+    __slots__ = ("_fileno", "_loop", "_reader", "_registered", "_unclaimed")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fileno: int) -> None:
         self._loop = loop
         self._fileno = fileno
         self._reader: asyncio.Future[None] | None = None
         self._registered = False
+        self._unclaimed = 0
 
     def _on_readable(self) -> None:
         future, self._reader = self._reader, None
-        if future is None:
-            # Level-triggered: with nobody waiting this would fire at every
-            # loop iteration. Watch again at the next wait.
+        if future is not None:
+            self._unclaimed = 0
+            if not future.done():
+                future.set_result(None)
+            return
+        # Nobody waits. Once is normal: the woken task runs only in the next
+        # loop iteration, after the selector has reported the same data
+        # again. Twice in a row means data nobody will read soon (a notice,
+        # a terminated backend): level-triggered, this would fire at every
+        # iteration, so stop watching until the next wait.
+        self._unclaimed += 1
+        if self._unclaimed >= 2:
             self._unregister()
-        elif not future.done():
-            future.set_result(None)
 
     def _register(self) -> None:
         loop = self._loop
@@ -121,11 +129,13 @@ class _AsyncioFdWaiter:
         self._registered = True
 
     def _unregister(self) -> None:
+        self._unclaimed = 0
         if self._registered:
             self._registered = False
             self._loop.remove_reader(self._fileno)
 
     async def readable(self) -> None:
+        self._unclaimed = 0
         if not self._registered:
             self._register()
         future = self._reader = self._loop.create_future()

@@ -28,6 +28,7 @@ import anyio.abc
 import psycopg
 from psycopg import pq
 
+from ._backend import Backend, Waker, current_backend
 from ._backoff import Backoff
 from ._config import DatabaseConfig, PoolConfig
 from ._connection import Connection, connect
@@ -79,14 +80,14 @@ class _Entry:
 class _Waiter:
     """A task waiting for a connection: woken once, with a connection or an error."""
 
-    __slots__ = ("deadline", "done", "entry", "error", "event")
+    __slots__ = ("deadline", "done", "entry", "error", "waker")
 
-    def __init__(self, deadline: float) -> None:
+    def __init__(self, deadline: float, waker: Waker) -> None:
         self.deadline = deadline
         self.done = False
         self.entry: _Entry | None = None
         self.error: BaseException | None = None
-        self.event = anyio.Event()
+        self.waker = waker
 
     def __lt__(self, other: _Waiter) -> bool:
         return self.deadline < other.deadline
@@ -179,6 +180,8 @@ class ConnectionPool:
         self._closed = True
         self._opened_once = False
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._backend: Backend
+        self._now = anyio.current_time
         self._deadline_scope: anyio.CancelScope | None = None
         self._deadline_target = float("inf")
         self._changed: anyio.Event | None = None
@@ -229,6 +232,8 @@ class ConnectionPool:
         if self._opened_once:
             raise RuntimeError(f"pool {self.name!r} was closed; make a new one")
         self._opened_once = True
+        self._backend = current_backend()
+        self._now = self._backend.time
         self._closed = False
         tg = anyio.create_task_group()
         await tg.__aenter__()
@@ -364,7 +369,7 @@ class ConnectionPool:
     async def _acquire(self, limit: float | None) -> _Entry:
         if self._closed:
             raise PoolClosed(f"pool {self.name!r} is closed")
-        start = anyio.current_time()
+        start = self._now()
         if limit is None:
             limit = self._acquire_timeout
         deadline = start + limit
@@ -379,12 +384,12 @@ class ConnectionPool:
             break
         self._acquires += 1
         if waited:
-            wait = anyio.current_time() - start
+            wait = self._now() - start
             self._wait_total += wait
             if wait > self._wait_max:
                 self._wait_max = wait
         if self._track_stacks:
-            entry.borrowed_at = anyio.current_time()
+            entry.borrowed_at = self._now()
             entry.stack = traceback.StackSummary.from_list(traceback.extract_stack()[:-2])
             entry.leak_reported = False
         return entry
@@ -405,7 +410,7 @@ class ConnectionPool:
                 f"pool {self.name!r}: {self._waiting} tasks already wait for a connection"
                 f" (max_waiting={max_waiting})"
             )
-        waiter = _Waiter(deadline)
+        waiter = _Waiter(deadline, self._backend.waker())
         self._waiters.append(waiter)
         self._waiting += 1
         if limit == self._acquire_timeout:
@@ -416,7 +421,7 @@ class ConnectionPool:
             self._deadline_scope.cancel()  # the deadline task sleeps too long
         self._grow()
         try:
-            await waiter.event.wait()
+            await waiter.waker.wait()
         except BaseException:
             self._abandon(waiter)
             raise
@@ -441,7 +446,7 @@ class ConnectionPool:
             waiter.done = True
             waiter.error = error
             self._waiting -= 1
-            waiter.event.set()
+            waiter.waker.set()
 
     def _fail_fast_error(self) -> BaseException | None:
         """An error no wait can cure: the server is too old."""
@@ -459,7 +464,7 @@ class ConnectionPool:
             f" waiting {stats.waiting}",
         ]
         if self._state == "down":
-            since = anyio.current_time() - self._down_since
+            since = self._now() - self._down_since
             parts.append(f"the database has been down for {since:.1f} s")
         if self._last_error is not None and self._state != "up":
             parts.append(f"last connection error: {redact(str(self._last_error))}")
@@ -476,7 +481,7 @@ class ConnectionPool:
         """Ping before lending; a dead connection is replaced unseen."""
         conn = entry.conn
         if not conn.closed:
-            limit = min(_PING_TIMEOUT, max(0.0, deadline - anyio.current_time()))
+            limit = min(_PING_TIMEOUT, max(0.0, deadline - self._now()))
             try:
                 await conn.ping(limit)
             except psycopg.Error:
@@ -496,7 +501,7 @@ class ConnectionPool:
             and not conn.closed
             and conn.pgconn.transaction_status == _IDLE
             and conn.autocommit
-            and anyio.current_time() < entry.expires
+            and self._now() < entry.expires
         ):
             self._put_back(entry)
             return
@@ -512,10 +517,10 @@ class ConnectionPool:
     async def _restore(self, entry: _Entry) -> bool:
         """Roll back, reset, and check: shielded from cancellation, bounded in time."""
         conn = entry.conn
-        if anyio.current_time() >= entry.expires:
+        if self._now() >= entry.expires:
             return False
         with anyio.CancelScope(shield=True) as scope:
-            scope.deadline = anyio.current_time() + conn.cancel_grace
+            scope.deadline = self._now() + conn.cancel_grace
             try:
                 status = conn.pgconn.transaction_status
                 if status == _ACTIVE:
@@ -547,7 +552,7 @@ class ConnectionPool:
         if self._closed:
             self._discard(entry)
             return
-        entry.last_used = anyio.current_time()
+        entry.last_used = self._now()
         entry.stack = None
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -556,7 +561,7 @@ class ConnectionPool:
             waiter.done = True
             waiter.entry = entry
             self._waiting -= 1
-            waiter.event.set()
+            waiter.waker.set()
             self._forget_served()
             return
         self._idle.append(entry)
@@ -670,7 +675,7 @@ class ConnectionPool:
             return
         if self._state != "up":
             self._recovered()
-        now = anyio.current_time()
+        now = self._now()
         jitter = self.pool_config.lifetime_jitter
         lifetime = self.pool_config.max_lifetime * (1.0 - jitter * random.random())
         entry = _Entry(conn, now, lifetime)
@@ -681,7 +686,7 @@ class ConnectionPool:
         self._errors += 1
         self._last_error = error
         if self._state in ("up", "opening"):
-            self._down_since = anyio.current_time()
+            self._down_since = self._now()
             self._set_state("down")
             logger.warning(
                 "pool %r: database %s is down, retrying with backoff: %s",
@@ -700,7 +705,7 @@ class ConnectionPool:
         self._set_state("up")
         self._backoff.reset()
         if was == "down":
-            since = anyio.current_time() - self._down_since
+            since = self._now() - self._down_since
             logger.info(
                 "pool %r: database %s recovered after %.1f s", self.name, self.config.address, since
             )
@@ -747,7 +752,7 @@ class ConnectionPool:
                 self._deadline_scope = scope
                 await anyio.sleep_until(self._deadline_target)
             self._deadline_scope = None
-            now = anyio.current_time()
+            now = self._now()
             queue = self._default_deadlines
             while queue and (queue[0].done or queue[0].deadline <= now):
                 self._fail(queue.popleft(), PoolTimeout())
@@ -769,10 +774,10 @@ class ConnectionPool:
     async def _maintain(self) -> None:
         """Ping, expire and replace idle connections; report leaks."""
         pc = self.pool_config
-        next_ping = anyio.current_time() + pc.health_check_interval
+        next_ping = self._now() + pc.health_check_interval
         while True:
             await anyio.sleep(_MAINTENANCE_TICK)
-            now = anyio.current_time()
+            now = self._now()
             self._expire_idle(now)
             if pc.leak_threshold is not None:
                 self._report_leaks(now, pc.leak_threshold)
