@@ -472,9 +472,7 @@ class Connection(psycopg.AsyncConnection[Row]):
         except (OSError, e.OperationalError):
             return True
 
-    async def _settle_after_interrupt(
-        self, driver: _Driver, waiter: FdWaiter, fileno: int
-    ) -> None:
+    async def _settle_after_interrupt(self, driver: _Driver, waiter: FdWaiter, fileno: int) -> None:
         """Leave the connection idle, or closed, after the caller was interrupted.
 
         Shielded, so that the cleanup itself cannot be cancelled, and bounded
