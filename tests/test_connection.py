@@ -387,3 +387,25 @@ async def test_queries_log_nothing_at_info(
     async with conn.transaction():
         await conn.execute("SELECT 1")
     assert [r for r in caplog.records if r.name.startswith("pgsd")] == []
+
+
+async def test_a_connection_libpq_dropped_does_not_break_the_next_one(
+    pg_server: PostgresServer,
+) -> None:
+    # libpq closes the socket itself when the server goes away; the socket
+    # number is then reused by the next connection, which must still work.
+    for _ in range(3):
+        doomed = await pgsd.connect(pg_server.dsn())
+        await doomed.execute("SELECT 1")
+        pg_server.execute("SELECT pg_terminate_backend(%s)", [doomed.info.backend_pid])
+        with pytest.raises(psycopg.OperationalError):
+            for _ in range(100):
+                await doomed.execute("SELECT 1")
+        fresh = await pgsd.connect(pg_server.dsn())
+        try:
+            with anyio.fail_after(5):
+                cur = await fresh.execute("SELECT 2")
+                assert await cur.fetchone() == (2,)
+        finally:
+            await fresh.close()
+            await doomed.close()

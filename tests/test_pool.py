@@ -594,3 +594,24 @@ async def test_reset_hook_runs_on_return(pg_server: PostgresServer) -> None:
         async with pool.connection() as conn:
             cur = await conn.execute("SHOW statement_timeout")
             assert await cur.fetchone() == ("0",)
+
+
+async def test_a_configuration_mistake_fails_at_once_not_after_the_timeout(
+    pg_server: PostgresServer,
+) -> None:
+    config = db_config(pg_server, dbname="no_such_database")
+    async with open_pool(config, acquire_timeout=30) as pool:
+        with anyio.fail_after(5):
+            with pytest.raises(pgsd.DatabaseNotFound):
+                async with pool.connection():
+                    pass
+            with pytest.raises(pgsd.DatabaseNotFound):
+                await pool.wait_ready()
+        assert pool.stats().timeouts == 0
+
+
+async def test_wait_ready_with_min_size_zero_returns_at_once(pg_server: PostgresServer) -> None:
+    async with open_pool(db_config(pg_server), min_size=0) as pool:
+        with anyio.fail_after(1):
+            await pool.wait_ready()
+        assert pool.stats().size == 0

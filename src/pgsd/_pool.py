@@ -33,9 +33,13 @@ from ._backoff import Backoff
 from ._config import DatabaseConfig, PoolConfig
 from ._connection import Connection, connect
 from ._errors import (
+    AuthenticationError,
+    ConnectTimeout,
+    DatabaseNotFound,
     PgsdError,
     PoolClosed,
     PoolTimeout,
+    ServerUnavailable,
     TooManyWaiters,
     UnsupportedServerVersion,
     redact,
@@ -189,6 +193,7 @@ class ConnectionPool:
         self._last_error: BaseException | None = None
         self._down_since = 0.0
         self._version_logged = False
+        self._ever_up = False
 
         self._acquires = 0
         self._wait_total = 0.0
@@ -302,21 +307,27 @@ class ConnectionPool:
         return _Lease(self, timeout)
 
     async def wait_ready(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        """Wait until the pool holds ``min_size`` connections (at least one).
+        """Wait until the pool holds ``min_size`` connections (at once when it is 0).
 
         Raises:
             PoolTimeout: not ready within ``timeout`` (default
                 ``acquire_timeout``); the message gives the last error.
+            PoolClosed: the pool is closed.
+            AuthenticationError, DatabaseNotFound, UnsupportedServerVersion:
+                the first connection attempts failed in a way waiting cannot
+                cure.
         """
         limit = self._acquire_timeout if timeout is None else timeout
-        want = max(1, self._min_size)
         with anyio.move_on_after(limit):
-            while len(self._entries) < want:
+            while len(self._entries) < self._min_size:
                 if self._closed:
                     raise PoolClosed(f"pool {self.name!r} is closed")
+                error = self._fail_fast_error()
+                if error is not None:
+                    raise error
                 await self._wait_changed()
             return
-        raise self._timeout_error(limit, "to open")
+        raise self._timeout_error(limit, "to open", count=False)
 
     async def ping(self) -> float:
         """Borrow a connection and ping it; return the round trip in seconds.
@@ -449,19 +460,32 @@ class ConnectionPool:
             waiter.waker.set()
 
     def _fail_fast_error(self) -> BaseException | None:
-        """An error no wait can cure: the server is too old."""
-        if isinstance(self._last_error, UnsupportedServerVersion) and not self._entries:
-            return self._last_error
+        """An error no wait is likely to cure, while the pool has no connection.
+
+        A server older than the minimum; and, before the pool has ever
+        connected, a wrong password or a missing database: a mistake in the
+        configuration should be seen at once, not after ``acquire_timeout``.
+        Once the pool has been up, these count as passing (a password being
+        rotated, a database being restored) and callers wait.
+        """
+        error = self._last_error
+        if error is None or self._entries:
+            return None
+        if isinstance(error, UnsupportedServerVersion):
+            return error
+        if not self._ever_up and isinstance(error, (AuthenticationError, DatabaseNotFound)):
+            return error
         return None
 
-    def _timeout_error(self, limit: float, what: str) -> PoolTimeout:
-        self._timeouts += 1
+    def _timeout_error(self, limit: float, what: str, *, count: bool = True) -> PoolTimeout:
+        if count:
+            self._timeouts += 1
         stats = self.stats()
         parts = [
             f"pool {self.name!r} ({self.config.address}): no connection within {limit:g} s"
             f" waiting {what}",
             f"state {stats.state}, size {stats.size}/{stats.max_size}, in use {stats.in_use},"
-            f" waiting {stats.waiting}",
+            f" other waiters {stats.waiting}",
         ]
         if self._state == "down":
             since = self._now() - self._down_since
@@ -685,7 +709,10 @@ class ConnectionPool:
     def _connect_failed(self, error: BaseException) -> None:
         self._errors += 1
         self._last_error = error
-        if self._state in ("up", "opening"):
+        # One refused attempt beside live connections (the server's
+        # connection limit, say) does not make the database down.
+        unreachable = isinstance(error, (ServerUnavailable, ConnectTimeout))
+        if self._state in ("up", "opening") and (unreachable or not self._entries):
             self._down_since = self._now()
             self._set_state("down")
             logger.warning(
@@ -695,13 +722,14 @@ class ConnectionPool:
                 redact(str(error)),
             )
             self._callback(self._on_down, error)
-        if isinstance(error, UnsupportedServerVersion) and not self._entries:
+        if self._fail_fast_error() is error:
             for waiter in list(self._waiters):
                 self._fail(waiter, error)
             self._waiters.clear()
 
     def _recovered(self) -> None:
         was = self._state
+        self._ever_up = True
         self._set_state("up")
         self._backoff.reset()
         if was == "down":
