@@ -8,6 +8,7 @@ from ._config import PoolConfig as PoolConfig
 from ._config_file import load_config as load_config
 from ._connection import Connection as Connection
 from ._connection import connect as connect
+from ._connector import DatabaseConnector as DatabaseConnector
 from ._errors import AuthenticationError as AuthenticationError
 from ._errors import ConfigError as ConfigError
 from ._errors import ConnectError as ConnectError
@@ -26,6 +27,7 @@ from ._permissions import RoleAttributes as RoleAttributes
 from ._permissions import check_permissions as check_permissions
 from ._permissions import require_permissions as require_permissions
 from ._pool import ConnectionPool as ConnectionPool
+from ._reports import ConnectionReport as ConnectionReport
 from ._stats import PoolState as PoolState
 from ._stats import PoolStats as PoolStats
 from ._version import MIN_SERVER_VERSION as MIN_SERVER_VERSION
@@ -42,8 +44,10 @@ __all__ = [
     "ConnectTimeout",
     "Connection",
     "ConnectionPool",
+    "ConnectionReport",
     "ConnectorConfig",
     "DatabaseConfig",
+    "DatabaseConnector",
     "DatabaseNotFound",
     "InsufficientPrivileges",
     "PermissionReport",

@@ -1,0 +1,226 @@
+"""What a check of one database found, and the check itself.
+
+`verify_pool` borrows a connection from a pool and fills a
+`ConnectionReport`; it turns every way a database can be down, refuse the
+role or misbehave into the report's ``error``, and raises only for
+cancellation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+import anyio
+import psycopg
+
+from ._connection import Connection
+from ._errors import PgsdError, UnsupportedServerVersion, redact
+from ._permissions import PermissionReport, check_permissions
+from ._pool import ConnectionPool
+from ._version import ServerVersion, get_version
+
+__all__ = ["ConnectionReport", "failure_report", "verify_pool"]
+
+#: What `verify_pool` turns into a report instead of raising: the ways
+#: a database can be down, refuse us, or misbehave. Not BaseException:
+#: cancellation and KeyboardInterrupt must go through.
+_VERIFY_ERRORS: Final = (PgsdError, psycopg.Error, OSError, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionReport:
+    """Whether a database can be reached, which version it runs, and what the role may do.
+
+    Made by `DatabaseConnector.verify_connection`, which never raises for a
+    database that is down or misconfigured: the failure is described here.
+    Fields that could not be found out are None. No field ever holds a
+    password or other secret.
+
+    Attributes:
+        name: the database's name in the connector.
+        ok: True when the database was reached, its version is supported
+            and no required privilege is missing.
+        error: what went wrong, as a message without secrets; None when
+            ``ok``. Names the missing privileges or the unsupported
+            version when those are the problem.
+        latency_ms: the round trip of one ping on a pooled connection, in
+            milliseconds; None if no connection was obtained.
+        version: the server's version; known from the refusal even when the
+            pool refused the server as too old.
+        supported: whether the version is at least the pool's
+            ``min_server_version``; None if the version is unknown.
+        permissions: what the connected role may do, checked against the
+            database's ``required`` list; None if not checked.
+        tls: whether the connection is encrypted with TLS; None if no
+            connection was obtained.
+        host: the host (or socket directory) the connection went to, as
+            libpq reports it; None if no connection was obtained.
+        port: the port the connection went to; None if no connection was
+            obtained.
+    """
+
+    name: str
+    ok: bool
+    error: str | None = None
+    latency_ms: float | None = None
+    version: ServerVersion | None = None
+    supported: bool | None = None
+    permissions: PermissionReport | None = None
+    tls: bool | None = None
+    host: str | None = None
+    port: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the report as plain JSON types (str, int, float, bool, None, list, dict).
+
+        Sets become sorted lists; a version becomes
+        ``{"major", "minor", "num", "text"}``; permissions become
+        ``{"user", "is_superuser", "missing", "ok", "roles",
+        "database_privileges"}``.
+        """
+        return {
+            "name": self.name,
+            "ok": self.ok,
+            "error": self.error,
+            "latency_ms": self.latency_ms,
+            "version": _version_dict(self.version),
+            "supported": self.supported,
+            "permissions": _permissions_dict(self.permissions),
+            "tls": self.tls,
+            "host": self.host,
+            "port": self.port,
+        }
+
+
+def _version_dict(version: ServerVersion | None) -> dict[str, Any] | None:
+    if version is None:
+        return None
+    return {
+        "major": version.major,
+        "minor": version.minor,
+        "num": version.num,
+        "text": version.text,
+    }
+
+
+def _permissions_dict(report: PermissionReport | None) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    return {
+        "user": report.user,
+        "is_superuser": report.is_superuser,
+        "missing": list(report.missing),
+        "ok": report.ok,
+        "roles": sorted(report.roles),
+        "database_privileges": sorted(report.database_privileges),
+    }
+
+
+async def verify_pool(pool: ConnectionPool, timeout: float) -> ConnectionReport:  # noqa: ASYNC109
+    """Borrow a connection from ``pool`` and check it; describe any failure in the report.
+
+    Waits at most ``timeout`` seconds for a connection, and again at most
+    ``timeout`` seconds for the checks on it (ping, version, permissions
+    against ``pool.config.required``).
+    """
+    return await _Verification(pool, timeout).run()
+
+
+def failure_report(name: str, exc: BaseException) -> ConnectionReport:
+    """A report for a database that could not even be given a pool."""
+    return ConnectionReport(name=name, ok=False, error=redact(_message(exc)))
+
+
+class _Verification:
+    """One check of one pool: what it found so far, kept when a step fails."""
+
+    def __init__(self, pool: ConnectionPool, timeout: float) -> None:
+        self.pool = pool
+        self.timeout = timeout
+        self.step = "waiting for a connection"
+        self.error: str | None = None
+        self.latency_ms: float | None = None
+        self.version: ServerVersion | None = None
+        self.supported: bool | None = None
+        self.permissions: PermissionReport | None = None
+        self.tls: bool | None = None
+        self.host: str | None = None
+        self.port: int | None = None
+
+    async def run(self) -> ConnectionReport:
+        try:
+            async with self.pool.connection(self.timeout) as conn:
+                # The checks get their own deadline: a server that accepted
+                # the connection may still stop answering.
+                with anyio.fail_after(self.timeout):
+                    await self._examine(conn)
+        except _VERIFY_ERRORS as exc:
+            self._failed(exc)
+        return self._report()
+
+    async def _examine(self, conn: Connection[Any]) -> None:
+        self.host = conn.info.host
+        self.port = conn.info.port
+        self.tls = bool(conn.pgconn.ssl_in_use)
+        self.step = "pinging"
+        self.latency_ms = await conn.ping(self.timeout) * 1000.0
+        self.step = "reading the server version"
+        self.version = await get_version(conn)
+        self.supported = self.version.is_supported(self.pool.pool_config.min_server_version)
+        self.step = "checking permissions"
+        self.permissions = await check_permissions(conn, self.pool.config.required)
+
+    def _failed(self, exc: BaseException) -> None:
+        unsupported = _unsupported(exc)
+        if unsupported is not None:
+            # The pool refused the server; the refusal says which version it is.
+            self.version = self.version or ServerVersion.from_num(unsupported.version_num)
+            self.supported = False
+        if isinstance(exc, TimeoutError) and not isinstance(exc, PgsdError):
+            text = f"no answer from the server within {self.timeout:g} s while {self.step}"
+        elif self.step == "waiting for a connection":
+            text = _message(exc)
+        else:
+            text = f"{self.step} failed: {_message(exc)}"
+        self.error = redact(text)
+
+    def _finding(self) -> str | None:
+        """Why a database that answered every check is still not ok."""
+        if self.version is not None and self.supported is False:
+            minimum = self.pool.pool_config.min_server_version
+            return str(
+                UnsupportedServerVersion(self.version.num, minimum=minimum, database=self.pool.name)
+            )
+        if self.permissions is not None and self.permissions.missing:
+            missing = ", ".join(self.permissions.missing)
+            return f"missing privileges for role {self.permissions.user!r}: {missing}"
+        return None
+
+    def _report(self) -> ConnectionReport:
+        error = self.error or self._finding()
+        return ConnectionReport(
+            name=self.pool.name,
+            ok=error is None and self.supported is True and self.permissions is not None,
+            error=error,
+            latency_ms=self.latency_ms,
+            version=self.version,
+            supported=self.supported,
+            permissions=self.permissions,
+            tls=self.tls,
+            host=self.host,
+            port=self.port,
+        )
+
+
+def _unsupported(exc: BaseException) -> UnsupportedServerVersion | None:
+    """The version refusal behind an error, if that is what it is."""
+    for candidate in (exc, exc.__cause__):
+        if isinstance(candidate, UnsupportedServerVersion):
+            return candidate
+    return None
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text or type(exc).__name__
