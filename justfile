@@ -30,3 +30,11 @@ fmt: setup
 # connect to a throwaway local server and show what pgsd sees (asyncio or trio)
 demo backend="asyncio": setup
     {{python}} -m pgsd demo --backend {{backend}}
+
+# run the benchmarks against a throwaway server and save the run in .benchmarks/ (PGSD_BENCH_SHORT=1: short form)
+bench *args: setup
+    {{python}} -m pytest benchmarks --benchmark-autosave {{args}}
+
+# run the benchmarks and compare them with the last saved run
+bench-compare *args: setup
+    {{python}} -m pytest benchmarks --benchmark-compare {{args}}

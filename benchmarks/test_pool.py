@@ -1,0 +1,46 @@
+"""Pool overhead and throughput, for every client on the same server."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import anyio
+import pytest
+
+from harness import Bench, Sizes
+
+
+async def _run_tasks(op: Callable[[], Awaitable[None]], total: int, tasks: int) -> None:
+    """Run ``op`` ``total`` times over ``tasks`` tasks, each looping until none are left."""
+    remaining = total
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            await op()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(tasks):
+            tg.start_soon(worker)
+
+
+def test_acquire_release(bench: Bench, sizes: Sizes) -> None:
+    """One task borrows and returns an idle connection: the pool's own cost."""
+    ops = sizes.acquire_ops
+    pool = bench.pool
+
+    async def batch() -> None:
+        for _ in range(ops):
+            await pool.acquire_release()
+
+    bench.run("acquire+release, 1 task", batch, ops, per_op=True)
+
+
+@pytest.mark.parametrize("tasks", [5, 100, 1000])
+def test_select_one(bench: Bench, sizes: Sizes, tasks: int) -> None:
+    """``SELECT 1`` through a pool of 5, from as many tasks as connections, and more."""
+    ops = sizes.select_ops
+    batch = partial(_run_tasks, bench.pool.select_one, ops, tasks)
+    bench.run(f"SELECT 1, {tasks} tasks", batch, ops, per_op=False)
