@@ -59,6 +59,8 @@ _ACTIVE: Final = pq.TransactionStatus.ACTIVE
 _FATAL_SQLSTATE_PREFIXES: Final = ("08", "57P01", "57P02", "57P03")
 #: A ping (before lending, or of an idle connection) gets at most this long.
 _PING_TIMEOUT: Final = 5.0
+#: Idle for longer than this, a connection's socket is checked for unasked input.
+_INPUT_CHECK_AFTER: Final = 0.001
 #: How often the maintenance task looks at idle connections and leaks.
 _MAINTENANCE_TICK: Final = 1.0
 
@@ -108,8 +110,12 @@ class _Lease:
         self._entry: _Entry | None = None
 
     async def __aenter__(self) -> Connection[Any]:
-        self._entry = await self._pool._acquire(self._timeout)
-        return self._entry.conn
+        pool = self._pool
+        entry = pool._lend_now()
+        if entry is None:
+            entry = await pool._acquire(self._timeout)
+        self._entry = entry
+        return entry.conn
 
     async def __aexit__(
         self,
@@ -118,7 +124,7 @@ class _Lease:
         tb: TracebackType | None,
     ) -> None:
         entry, self._entry = self._entry, None
-        if entry is not None:
+        if entry is not None and (exc is not None or not self._pool._return_now(entry)):
             await self._pool._release(entry, exc)
 
 
@@ -405,6 +411,18 @@ class ConnectionPool:
             entry.leak_reported = False
         return entry
 
+    def _lend_now(self) -> _Entry | None:
+        """The hot path: an idle connection that needs no check, nobody waiting."""
+        idle = self._idle
+        if not idle or self._waiting or self._track_stacks or self._closed:
+            return None
+        entry = idle[-1]
+        if self._worth_checking(entry, self._now()):
+            return None
+        idle.pop()
+        self._acquires += 1
+        return entry
+
     def _take_idle(self) -> _Entry | None:
         """An idle connection, unless others queue for one (FIFO)."""
         if self._idle and not self._waiting:
@@ -499,7 +517,13 @@ class ConnectionPool:
         conn = entry.conn
         if conn.closed:
             return True
-        return now - entry.last_used > self._ping_after_idle or conn.input_pending()
+        idle = now - entry.last_used
+        if idle > self._ping_after_idle:
+            return True
+        # Unasked input (a terminated backend's last words) on a connection
+        # idle for a while. Under load connections are idle for microseconds:
+        # skip the system call then.
+        return idle > _INPUT_CHECK_AFTER and conn.input_pending()
 
     async def _check(self, entry: _Entry, deadline: float) -> bool:
         """Ping before lending; a dead connection is replaced unseen."""
@@ -518,16 +542,24 @@ class ConnectionPool:
 
     # -- release -------------------------------------------------------------
 
-    async def _release(self, entry: _Entry, exc: BaseException | None) -> None:
+    def _return_now(self, entry: _Entry) -> bool:
+        """The hot path: take back an idle connection with no reset hook to run."""
         conn = entry.conn
+        now = self._now()
         if (
             self._hot_release
-            and not conn.closed
+            and now < entry.expires
             and conn.pgconn.transaction_status == _IDLE
             and conn.autocommit
-            and self._now() < entry.expires
+            and not conn.closed
         ):
-            self._put_back(entry)
+            self._put_back(entry, now)
+            return True
+        return False
+
+    async def _release(self, entry: _Entry, exc: BaseException | None) -> None:
+        conn = entry.conn
+        if exc is None and self._return_now(entry):
             return
         if _is_fatal(exc) or conn.closed or conn.broken:
             self._lost += 1
@@ -571,12 +603,12 @@ class ConnectionPool:
             return False
         return not conn.closed and conn.pgconn.transaction_status == _IDLE and conn.autocommit
 
-    def _put_back(self, entry: _Entry) -> None:
+    def _put_back(self, entry: _Entry, now: float | None = None) -> None:
         """Hand a usable connection to the first waiter, or make it idle."""
         if self._closed:
             self._discard(entry)
             return
-        entry.last_used = self._now()
+        entry.last_used = self._now() if now is None else now
         entry.stack = None
         while self._waiters:
             waiter = self._waiters.popleft()
