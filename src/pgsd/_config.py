@@ -382,6 +382,10 @@ class DatabaseConfig:
     connect_timeout: float = 30.0
     #: Seconds a cancelled query may take to stop before its connection is closed.
     cancel_grace: float = 2.0
+    #: A query run this many times on a connection becomes a prepared statement
+    #: (psycopg's rule); None never prepares: behind PgBouncer in transaction
+    #: mode before 1.21, or with ``max_prepared_statements = 0``.
+    prepare_threshold: int | None = 5
     #: Privileges the role must hold: ``database:PRIV``, ``schema:NAME:PRIV``,
     #: ``table:SCHEMA.NAME:PRIV`` or ``role:NAME``; any iterable, stored as a tuple
     #: of the strings as given.
@@ -409,6 +413,8 @@ class DatabaseConfig:
         set_("port", _normalize_port(self.port))
         set_("connect_timeout", _check_positive("connect_timeout", self.connect_timeout))
         set_("cancel_grace", _check_positive("cancel_grace", self.cancel_grace))
+        if self.prepare_threshold is not None:
+            _check_int("prepare_threshold", self.prepare_threshold, minimum=0)
         set_("required", _normalize_required(self.required))
         set_("extra", _normalize_extra(self.extra))
         if self.pool is not None and not isinstance(self.pool, PoolConfig):

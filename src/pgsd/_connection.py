@@ -305,6 +305,12 @@ class Connection(psycopg.AsyncConnection[Row]):
     # since a connection that does not answer a ping is not worth saving.
     _abort_on_interrupt: bool = False
     _fd_waiter: FdWaiter | None = None
+    # Set by a pool for the connections it owns: an interrupted query is
+    # left to the pool to settle (cancel request, drain, rollback) after the
+    # borrower is gone, so that a cancelled borrower is not held up by a
+    # server that does not answer.
+    _settle_later: bool = False
+    _unsettled: tuple[_Driver, FdWaiter, int] | None = None
 
     def __init__(self, pgconn: pq.abc.PGconn, row_factory: Any = None) -> None:
         if row_factory is None:
@@ -412,6 +418,11 @@ class Connection(psycopg.AsyncConnection[Row]):
             psycopg.errors._WaitTimeout: ``timeout`` expired (psycopg's
                 ``notifies()`` expects exactly this).
         """
+        if self._unsettled is not None:
+            raise e.OperationalError(
+                "the connection's last query was interrupted and is being cancelled:"
+                " return the connection to its pool"
+            )
         driver = _Driver(gen)
         fileno = self.pgconn.socket
         waiter = self._fd_waiter
@@ -428,6 +439,8 @@ class Connection(psycopg.AsyncConnection[Row]):
         except (anyio.get_cancelled_exc_class(), KeyboardInterrupt):
             if self._abort_on_interrupt:
                 self._abort()
+            elif self._settle_later and self.pgconn.transaction_status == _ACTIVE:
+                self._unsettled = (driver, waiter, fileno)
             else:
                 await self._settle_after_interrupt(driver, waiter, fileno)
             raise
@@ -471,6 +484,22 @@ class Connection(psycopg.AsyncConnection[Row]):
             return bool(_poll_ready(self.pgconn.socket, _WAIT_R))
         except (OSError, e.OperationalError):
             return True
+
+    @property
+    def unsettled(self) -> bool:
+        """Whether an interrupted query awaits :meth:`settle` (pooled connections)."""
+        return self._unsettled is not None
+
+    async def settle(self) -> None:
+        """Finish what an interrupted query left: cancel it on the server, bounded.
+
+        Pools call this on a connection whose borrower was cancelled during
+        a query; the connection is then idle, or closed if the server did
+        not answer within ``cancel_grace``.
+        """
+        unsettled, self._unsettled = self._unsettled, None
+        if unsettled is not None:
+            await self._settle_after_interrupt(*unsettled)
 
     async def _settle_after_interrupt(self, driver: _Driver, waiter: FdWaiter, fileno: int) -> None:
         """Leave the connection idle, or closed, after the caller was interrupted.
@@ -555,6 +584,8 @@ class _Transaction(psycopg.AsyncTransaction):
         if exc_type is None:
             return await super().__aexit__(exc_type, exc_val, exc_tb)
         conn = self._conn
+        if conn.unsettled:
+            return False  # its pool rolls back once the query is cancelled
         with anyio.CancelScope(shield=True) as scope:
             scope.deadline = anyio.current_time() + conn.cancel_grace
             try:
@@ -604,6 +635,7 @@ async def connect(
     """
     config = target if isinstance(target, DatabaseConfig) else DatabaseConfig.from_dsn(target)
     try:
+        kwargs.setdefault("prepare_threshold", config.prepare_threshold)
         conn = await Connection.connect(
             config.conninfo(),
             autocommit=autocommit,

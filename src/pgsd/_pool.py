@@ -561,11 +561,24 @@ class ConnectionPool:
         conn = entry.conn
         if exc is None and self._return_now(entry):
             return
+        if conn.unsettled and self._task_group is not None:
+            # The borrower was cancelled mid-query: cancel it on the server
+            # in the pool's own task, so the borrower is not held up.
+            self._task_group.start_soon(self._settle, entry)
+            return
         if _is_fatal(exc) or conn.closed or conn.broken:
             self._lost += 1
             self._discard(entry)
             return
         if await self._restore(entry):
+            self._put_back(entry)
+        else:
+            self._discard(entry)
+
+    async def _settle(self, entry: _Entry) -> None:
+        """Cancel an interrupted query (bounded), then clean and take back or discard."""
+        await entry.conn.settle()
+        if not entry.conn.closed and await self._restore(entry):
             self._put_back(entry)
         else:
             self._discard(entry)
@@ -735,6 +748,7 @@ class ConnectionPool:
         jitter = self.pool_config.lifetime_jitter
         lifetime = self.pool_config.max_lifetime * (1.0 - jitter * random.random())
         entry = _Entry(conn, now, lifetime)
+        conn._settle_later = True
         self._entries.add(entry)
         self._put_back(entry)
 

@@ -1,24 +1,11 @@
-"""Throwaway PostgreSQL servers on loopback, for tests, demos and benchmarks.
-
-A :class:`PostgresServer` runs ``initdb`` into a fresh temporary directory,
-starts ``postgres`` on a free port of 127.0.0.1 and removes everything when
-stopped. PostgreSQL refuses to run as root, so when the calling process is
-root the server runs as an unprivileged OS user (``postgres`` when it
-exists, else ``nobody``).
-
-The superuser connects without a password over loopback; every other role
-authenticates with SCRAM, so wrong passwords fail the way they do in
-production.
-"""
+"""A throwaway PostgreSQL server in a temporary directory, on 127.0.0.1."""
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import os
 import pwd
-import re
 import secrets
 import shutil
 import signal
@@ -26,8 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -35,13 +21,9 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-__all__ = [
-    "PostgresBinaries",
-    "PostgresServer",
-    "ServerNotFound",
-    "find_binaries",
-    "free_port",
-]
+from ._binaries import PostgresBinaries, ServerNotFound, find_binaries
+
+__all__ = ["PostgresServer", "free_port"]
 
 logger = logging.getLogger("pgsd.testing")
 
@@ -67,85 +49,6 @@ _SETTINGS = {
     "log_line_prefix": "%m [%p] %u@%d ",
     "logging_collector": "off",
 }
-_INSTALL_HINT = (
-    "install a PostgreSQL server (13 or later): on Debian or Ubuntu "
-    "'apt-get install postgresql', or set PGSD_PG_BINDIR to a directory "
-    "holding initdb, pg_ctl and postgres"
-)
-
-
-class ServerNotFound(RuntimeError):
-    """No PostgreSQL server binaries were found on this machine."""
-
-
-@dataclass(frozen=True, slots=True)
-class PostgresBinaries:
-    """A directory of PostgreSQL server programs and the major version they are."""
-
-    bindir: Path
-    major: int
-
-    def program(self, name: str) -> str:
-        """The path of one program (``initdb``, ``pg_ctl``, ``postgres``, ...)."""
-        return str(self.bindir / name)
-
-
-def _major_of(bindir: Path) -> int | None:
-    try:
-        out = subprocess.run(
-            [str(bindir / "postgres"), "--version"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    match = re.search(r"\) (\d+)", out)
-    return int(match.group(1)) if match else None
-
-
-def _candidate_bindirs() -> Iterator[Path]:
-    env = os.environ.get("PGSD_PG_BINDIR")
-    if env:
-        yield Path(env)
-    # Debian and Ubuntu keep each major in its own directory.
-    yield from sorted(
-        (Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin")),
-        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
-        reverse=True,
-    )
-    for pattern in ("/usr/pgsql-*/bin", "/usr/local/pgsql/bin", "/opt/homebrew/bin"):
-        yield from (Path(p) for p in sorted(glob.glob(pattern), reverse=True))
-    initdb = shutil.which("initdb")
-    if initdb:
-        yield Path(initdb).resolve().parent
-
-
-def find_binaries(version: int | None = None) -> PostgresBinaries:
-    """Find server binaries: the newest on the machine, or the given major version.
-
-    ``PGSD_PG_BINDIR`` takes precedence when set.
-
-    Raises:
-        ServerNotFound: nothing suitable is installed; the message says how
-            to install a server.
-    """
-    seen: set[Path] = set()
-    found: list[PostgresBinaries] = []
-    for bindir in _candidate_bindirs():
-        if bindir in seen or not (bindir / "initdb").exists():
-            continue
-        seen.add(bindir)
-        major = _major_of(bindir)
-        if major is None:
-            continue
-        if version is None or major == version:
-            found.append(PostgresBinaries(bindir, major))
-    if not found:
-        wanted = f"PostgreSQL {version}" if version else "a PostgreSQL server"
-        raise ServerNotFound(f"{wanted} was not found on this machine: {_INSTALL_HINT}")
-    return max(found, key=lambda b: b.major)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
