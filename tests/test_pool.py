@@ -638,3 +638,32 @@ async def test_wait_ready_with_min_size_zero_returns_at_once(pg_server: Postgres
         with anyio.fail_after(1):
             await pool.wait_ready()
         assert pool.stats().size == 0
+
+
+async def test_a_read_only_refusal_evicts_the_connection_when_a_primary_is_wanted(
+    pg_server: PostgresServer,
+) -> None:
+    config = db_config(pg_server, target_session_attrs="read-write")
+    async with open_pool(config, max_size=1) as pool:
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            async with pool.connection() as conn:
+                first = conn.info.backend_pid
+                # What a demoted primary answers to a write.
+                await conn.execute("SET default_transaction_read_only TO on")
+                await conn.execute("CREATE TABLE pgsd_never_made (x int)")
+        async with pool.connection() as conn:
+            assert conn.info.backend_pid != first
+        assert pool.stats().connections_lost == 1
+
+
+async def test_a_read_only_refusal_keeps_the_connection_when_any_server_will_do(
+    pg_server: PostgresServer,
+) -> None:
+    async with open_pool(db_config(pg_server), max_size=1) as pool:
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            async with pool.connection() as conn:
+                first = conn.info.backend_pid
+                await conn.execute("SET default_transaction_read_only TO on")
+                await conn.execute("CREATE TABLE pgsd_never_made (x int)")
+        async with pool.connection() as conn:
+            assert conn.info.backend_pid == first

@@ -57,6 +57,8 @@ _ACTIVE: Final = pq.TransactionStatus.ACTIVE
 #: exceptions (class 08) and the server going away (admin shutdown, crash
 #: shutdown, cannot connect now).
 _FATAL_SQLSTATE_PREFIXES: Final = ("08", "57P01", "57P02", "57P03")
+#: cannot execute ... in a read-only transaction: a demoted primary.
+_READ_ONLY_SQLSTATE: Final = "25006"
 #: A ping (before lending, or of an idle connection) gets at most this long.
 _PING_TIMEOUT: Final = 5.0
 #: Idle for longer than this, a connection's socket is checked for unasked input.
@@ -176,6 +178,7 @@ class ConnectionPool:
         self._ping_after_idle = pc.ping_after_idle
         self._track_stacks = pc.leak_threshold is not None
         self._hot_release = pc.reset is None
+        self._wants_primary = config.target_session_attrs in ("read-write", "primary")
 
         self._entries: set[_Entry] = set()
         self._idle: deque[_Entry] = deque()
@@ -566,7 +569,7 @@ class ConnectionPool:
             # in the pool's own task, so the borrower is not held up.
             self._task_group.start_soon(self._settle, entry)
             return
-        if _is_fatal(exc) or conn.closed or conn.broken:
+        if _is_fatal(exc, self._wants_primary) or conn.closed or conn.broken:
             self._lost += 1
             self._discard(entry)
             return
@@ -902,7 +905,16 @@ class ConnectionPool:
                 )
 
 
-def _is_fatal(exc: BaseException | None) -> bool:
-    """Whether an error the borrower met means the connection is gone."""
+def _is_fatal(exc: BaseException | None, wants_primary: bool) -> bool:
+    """Whether an error the borrower met means the connection is not worth keeping.
+
+    Besides a lost connection: a write refused as read-only (SQLSTATE 25006)
+    by a server that was the primary when connected and has since been
+    demoted, when the database asks for a read-write server.
+    """
     sqlstate = getattr(exc, "sqlstate", None)
-    return isinstance(sqlstate, str) and sqlstate.startswith(_FATAL_SQLSTATE_PREFIXES)
+    if not isinstance(sqlstate, str):
+        return False
+    if sqlstate.startswith(_FATAL_SQLSTATE_PREFIXES):
+        return True
+    return wants_primary and sqlstate == _READ_ONLY_SQLSTATE
