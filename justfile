@@ -27,9 +27,10 @@ fmt: setup
     {{python}} -m ruff format src tests benchmarks loadtest
     {{python}} -m ruff check --fix src tests benchmarks loadtest
 
-# connect to a throwaway local server and show what pgsd sees (asyncio or trio)
-demo backend="asyncio": setup
-    {{python}} -m pgsd demo --backend {{backend}}
+# pgsd check: verify databases (with no config: a throwaway local demo server)
+[no-cd]
+check *args: setup
+    {{justfile_directory()}}/.venv/bin/pgsd check {{args}}
 
 # run the benchmarks against a throwaway server and save the run in .benchmarks/ (PGSD_BENCH_SHORT=1: short form)
 bench *args: setup

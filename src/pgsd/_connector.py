@@ -9,7 +9,7 @@ require, and no pool outlives ``async with connector``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, Self
@@ -390,19 +390,30 @@ class DatabaseConnector:
             timeout = min(pool.config.connect_timeout, pool.pool_config.acquire_timeout)
         return await verify_pool(pool, timeout)
 
-    async def verify_all(self) -> dict[str, ConnectionReport]:
+    async def verify_all(
+        self, *, on_report: Callable[[str, ConnectionReport], object] | None = None
+    ) -> dict[str, ConnectionReport]:
         """Check every configured database, all at once; reports in config order.
 
-        Never raises for a database problem (see `verify_connection`).
+        ``on_report(name, report)`` is called as each check finishes (to show
+        progress). Never raises for a database problem (see
+        `verify_connection`).
         """
         reports: dict[str, ConnectionReport] = {}
         async with anyio.create_task_group() as task_group:
             for name in self.config.databases:
-                task_group.start_soon(self._verify_into, name, reports)
+                task_group.start_soon(self._verify_into, name, reports, on_report)
         return {name: reports[name] for name in self.config.databases}
 
-    async def _verify_into(self, name: str, reports: dict[str, ConnectionReport]) -> None:
-        reports[name] = await self.verify_connection(name)
+    async def _verify_into(
+        self,
+        name: str,
+        reports: dict[str, ConnectionReport],
+        on_report: Callable[[str, ConnectionReport], object] | None,
+    ) -> None:
+        reports[name] = report = await self.verify_connection(name)
+        if on_report is not None:
+            on_report(name, report)
 
 
 class _NewPoolLease:

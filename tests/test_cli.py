@@ -1,0 +1,264 @@
+"""``pgsd check``: exit codes, the JSON document, config errors, the embedded demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pgsd.testing import PostgresServer, free_port
+
+BACKENDS = ["asyncio", "trio"]
+TIMEOUT = 120
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without libpq variables or PGSD_CONFIG, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PGSD_"))}
+    env.update(extra)
+    return env
+
+
+def pgsd(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pgsd", *args],
+        cwd=cwd,
+        env=env if env is not None else clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+@pytest.fixture
+def two_databases(pg_server: PostgresServer, tmp_path: Path) -> Path:
+    """A config file: one reachable database, one on a port nobody listens on."""
+    path = tmp_path / "pgsd.toml"
+    path.write_text(
+        f"""
+[pool]
+max_size = 3
+acquire_timeout = 5
+
+[databases.good]
+host = "{pg_server.host}"
+port = {pg_server.port}
+dbname = "postgres"
+user = "{pg_server.superuser}"
+required = ["database:CONNECT"]
+
+[databases.gone]
+host = "127.0.0.1"
+port = {free_port()}
+dbname = "postgres"
+user = "nobody"
+connect_timeout = 2
+"""
+    )
+    return path
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_databases_ok_exits_0(pg_server: PostgresServer, tmp_path: Path, backend: str) -> None:
+    result = pgsd("check", "--backend", backend, pg_server.dsn(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unreachable_database_beside_a_good_one_exits_1(two_databases: Path, backend: str) -> None:
+    result = pgsd(
+        "check",
+        "--backend",
+        backend,
+        "--config",
+        str(two_databases),
+        "--json",
+        cwd=two_databases.parent,
+    )
+    assert result.returncode == 1, result.stderr
+    document = json.loads(result.stdout)
+    by_name = {db["name"]: db for db in document["databases"]}
+    assert by_name["good"]["ok"] is True
+    assert by_name["gone"]["ok"] is False
+    assert "gone" in by_name["gone"]["error"] or "127.0.0.1" in by_name["gone"]["error"]
+    assert document["ok"] is False
+    assert "Traceback" not in result.stderr
+
+
+def test_default_config_file_in_the_current_directory_is_used(two_databases: Path) -> None:
+    result = pgsd("check", "--db", "good", "--json", cwd=two_databases.parent)
+    assert result.returncode == 0, result.stderr
+    names = [db["name"] for db in json.loads(result.stdout)["databases"]]
+    assert names == ["good"]
+
+
+def test_pgsd_config_environment_variable_names_the_file(
+    two_databases: Path, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = clean_env(PGSD_CONFIG=str(two_databases))
+    result = pgsd("check", "--db", "good", "--json", cwd=elsewhere, env=env)
+    assert result.returncode == 0, result.stderr
+
+
+def test_missing_required_privilege_exits_1(pg_server: PostgresServer, tmp_path: Path) -> None:
+    result = pgsd(
+        "check",
+        "--json",
+        "--require",
+        "table:public.no_such_table:SELECT",
+        pg_server.dsn(),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1, result.stderr
+    database = json.loads(result.stdout)["databases"][0]
+    assert database["missing"] == ["table:public.no_such_table:SELECT"]
+    assert "missing privileges" in database["error"]
+
+
+def test_json_document_has_a_stable_schema(pg_server: PostgresServer, tmp_path: Path) -> None:
+    result = pgsd("check", "--json", pg_server.dsn(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert set(document) == {"pgsd", "backend", "ok", "demo", "databases"}
+    database = document["databases"][0]
+    assert set(database) == {
+        "name",
+        "ok",
+        "error",
+        "latency_ms",
+        "version",
+        "supported",
+        "permissions",
+        "tls",
+        "host",
+        "port",
+        "missing",
+        "burst",
+        "pool",
+    }
+    assert set(database["version"]) == {"major", "minor", "num", "text"}
+    assert set(database["permissions"]) >= {"user", "is_superuser", "missing", "ok", "roles"}
+    assert set(database["burst"]) == {"queries", "failed", "p50_ms", "max_ms", "error"}
+    assert set(database["pool"]) == {
+        "state",
+        "size",
+        "max_size",
+        "acquires",
+        "timeouts",
+        "errors",
+        "wait_time_max_ms",
+    }
+    assert database["burst"]["failed"] == 0
+    assert database["version"]["num"] == int(pg_server.execute("SHOW server_version_num")[0][0])
+
+
+@pytest.mark.parametrize(
+    ("content", "key"),
+    [
+        ("[databases.a]\nport = 'abc'\n", "databases.a.port"),
+        ("[pool]\nmax_size = 0\n[databases.a]\nhost = 'x'\n", "pool.max_size"),
+        ("[databases.a\n", None),
+    ],
+)
+def test_bad_config_file_exits_2_naming_file_and_key(
+    tmp_path: Path, content: str, key: str | None
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    result = pgsd("check", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert str(path) in result.stderr or "bad.toml" in result.stderr
+    if key is not None:
+        assert key in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_database_name_exits_2(two_databases: Path) -> None:
+    result = pgsd("check", "--db", "nope", cwd=two_databases.parent)
+    assert result.returncode == 2
+    assert "nope" in result.stderr
+    assert "good" in result.stderr
+
+
+def test_usage_error_exits_2(tmp_path: Path) -> None:
+    result = pgsd("check", "--backend", "curio", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+
+
+def test_unparsable_dsn_exits_2_without_its_password(tmp_path: Path) -> None:
+    result = pgsd("check", "host=x port=5432 password=s3cr3t-Pa55 'unterminated", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "s3cr3t-Pa55" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_embedded_demo_end_to_end(tmp_path: Path, backend: str) -> None:
+    result = pgsd("check", "--backend", backend, "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["demo"] is True
+    by_name = {db["name"]: db for db in document["databases"]}
+    assert by_name["demo_admin"]["ok"] is True
+    assert by_name["demo_reader"]["ok"] is False
+    assert by_name["demo_reader"]["missing"] == ["table:app.secrets:SELECT"]
+    assert "table:app.public_notes:SELECT" not in by_name["demo_reader"]["missing"]
+
+
+def test_embedded_demo_table_output(tmp_path: Path) -> None:
+    result = pgsd("check", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "demo_admin" in result.stdout
+    assert "demo_reader" in result.stdout
+    assert "throwaway PostgreSQL" in result.stderr
+
+
+@pytest.fixture
+def server_tmpdir() -> Iterator[Path]:
+    """A TMPDIR the server's OS user can reach (pytest's tmp_path is private)."""
+    path = Path(tempfile.mkdtemp(prefix="pgsd-cli-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_embedded_demo_is_removed_on_ctrl_c(tmp_path: Path, server_tmpdir: Path) -> None:
+    tmpdir = server_tmpdir
+    env = clean_env(TMPDIR=str(tmpdir))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgsd", "check"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        # The first line says the server is up: interrupt the check then.
+        line = proc.stderr.readline()
+        assert "throwaway PostgreSQL" in line
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (0, 130), err
+    assert "Traceback" not in err
+    assert list(tmpdir.iterdir()) == []  # the server's directory is gone
