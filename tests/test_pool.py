@@ -341,6 +341,7 @@ async def test_a_cancelled_borrower_is_not_held_while_its_query_is_cancelled(
 # 6. dead connections found before a borrower meets them; healing --------------
 
 
+@pytest.mark.matrix
 async def test_terminated_idle_connections_are_invisible_to_the_next_borrowers(
     pg_server: PostgresServer,
 ) -> None:
@@ -362,6 +363,7 @@ async def test_terminated_idle_connections_are_invisible_to_the_next_borrowers(
         assert_invariants(stats)
 
 
+@pytest.mark.matrix
 async def test_server_restart_waiters_time_out_then_the_pool_heals(
     own_server: PostgresServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -411,6 +413,7 @@ async def test_pool_ping_returns_the_round_trip(pg_server: PostgresServer) -> No
         assert 0 < latency < 5
 
 
+@pytest.mark.matrix
 async def test_pool_rejects_a_server_older_than_the_minimum(pg_server: PostgresServer) -> None:
     async with open_pool(db_config(pg_server), min_server_version=990000) as pool:
         with anyio.fail_after(10):
@@ -420,6 +423,7 @@ async def test_pool_rejects_a_server_older_than_the_minimum(pg_server: PostgresS
         assert info.value.minimum == 990000
 
 
+@pytest.mark.matrix
 async def test_server_version_is_logged_once(
     pg_server: PostgresServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -633,6 +637,7 @@ async def test_a_configuration_mistake_fails_at_once_not_after_the_timeout(
         assert pool.stats().timeouts == 0
 
 
+@pytest.mark.matrix
 async def test_wait_ready_with_min_size_zero_returns_at_once(pg_server: PostgresServer) -> None:
     async with open_pool(db_config(pg_server), min_size=0) as pool:
         with anyio.fail_after(1):
@@ -667,3 +672,21 @@ async def test_a_read_only_refusal_keeps_the_connection_when_any_server_will_do(
                 await conn.execute("CREATE TABLE pgsd_never_made (x int)")
         async with pool.connection() as conn:
             assert conn.info.backend_pid == first
+
+
+async def test_a_borrower_cancelled_while_its_connection_is_pinged_strands_nothing(
+    pg_server: PostgresServer,
+) -> None:
+    async with open_pool(db_config(pg_server), max_size=1, ping_after_idle=0) as pool:
+        await pool.wait_ready()
+        for _ in range(20):
+            with anyio.CancelScope() as scope:
+                scope.cancel()  # cancelled before the ping's answer can arrive
+                async with pool.connection():
+                    pass
+            stats = pool.stats()
+            assert stats.in_use == 0
+            assert_invariants(stats)
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT 1")
+            assert await cur.fetchone() == (1,)

@@ -537,6 +537,9 @@ class ConnectionPool:
                 await conn.ping(limit)
             except psycopg.Error:
                 pass
+            except BaseException:
+                self._take_back_interrupted(entry)
+                raise
             else:
                 return True
         self._lost += 1
@@ -884,6 +887,16 @@ class ConnectionPool:
             await entry.conn.ping(_PING_TIMEOUT)
         except psycopg.Error:
             self._lost += 1
+            self._discard(entry)
+        except BaseException:
+            self._take_back_interrupted(entry)
+            raise
+        else:
+            self._put_back(entry)
+
+    def _take_back_interrupted(self, entry: _Entry) -> None:
+        """After a cancelled ping: keep the connection if the ping never started."""
+        if entry.conn.closed:  # an interrupted ping closes its connection
             self._discard(entry)
         else:
             self._put_back(entry)
