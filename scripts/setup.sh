@@ -34,3 +34,30 @@ if ! "$python" -c 'from pgsd.testing import find_binaries; find_binaries()' 2>/d
         exit 1
     fi
 fi
+
+# PgBouncer: the tests start their own in front of their server, so the
+# package's service is kept from starting (policy-rc.d) and stays stopped.
+if ! "$python" -c 'from pgsd.testing import PgBouncer; PgBouncer.installed_version()' 2>/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing PgBouncer with apt-get"
+        export DEBIAN_FRONTEND=noninteractive
+        policy=/usr/sbin/policy-rc.d
+        own_policy=
+        if [ ! -e "$policy" ]; then
+            printf '#!/bin/sh\nexit 101\n' > "$policy"
+            chmod 755 "$policy"
+            own_policy=1
+        fi
+        status=0
+        { apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null; } || status=$?
+        if [ -n "$own_policy" ]; then
+            rm -f "$policy"
+        else
+            invoke-rc.d pgbouncer stop >/dev/null 2>&1 || true
+        fi
+        [ "$status" = 0 ] || exit "$status"
+    else
+        echo "setup: no PgBouncer found: install it (apt-get install pgbouncer)" >&2
+        exit 1
+    fi
+fi

@@ -1047,3 +1047,17 @@ def test_load_config_never_puts_a_dsn_password_in_an_error(tmp_path: Path) -> No
     assert SECRET not in str(err)
     assert err.__cause__ is None
     assert err.__suppress_context__
+
+
+def test_prepare_threshold_false_in_a_file_means_never_prepare(tmp_path: Path) -> None:
+    path = tmp_path / "pgsd.toml"
+    path.write_text('[databases.a]\nhost = "h"\nprepare_threshold = false\n')
+    assert pgsd.load_config(path).databases["a"].prepare_threshold is None
+
+
+def test_prepare_threshold_true_in_a_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "pgsd.toml"
+    path.write_text('[databases.a]\nhost = "h"\nprepare_threshold = true\n')
+    with pytest.raises(pgsd.ConfigError) as info:
+        pgsd.load_config(path)
+    assert "databases.a.prepare_threshold" in str(info.value)

@@ -111,6 +111,9 @@ def _build_database(
     dsn = table.pop("dsn", None)
     _move_libpq_keywords(table, prefix)
     _resolve_password(table, environ, prefix)
+    if table.get("prepare_threshold") is False:
+        # TOML has no null: "prepare_threshold = false" means never prepare.
+        table["prepare_threshold"] = None
     if "pool" in table:
         table["pool"] = _database_pool(table["pool"], pool_defaults, (*prefix, "pool"))
     with _key_prefix(_dotted(*prefix)):

@@ -14,10 +14,12 @@ production.
 from ._binaries import PostgresBinaries as PostgresBinaries
 from ._binaries import ServerNotFound as ServerNotFound
 from ._binaries import find_binaries as find_binaries
+from ._pgbouncer import PgBouncer as PgBouncer
 from ._server import PostgresServer as PostgresServer
 from ._server import free_port as free_port
 
 __all__ = [
+    "PgBouncer",
     "PostgresBinaries",
     "PostgresServer",
     "ServerNotFound",
