@@ -39,3 +39,7 @@ bench *args: setup
 # run the benchmarks and compare them with the last saved run
 bench-compare *args: setup
     {{python}} -m pytest benchmarks --benchmark-compare {{args}}
+
+# stability soak: 1,000,000 acquire/release cycles on each backend, printing cycles/s and RSS (PGSD_SOAK_CYCLES, PGSD_SOAK_SECONDS override)
+soak *args: setup
+    PGSD_SOAK_CYCLES="${PGSD_SOAK_CYCLES:-1000000}" PGSD_SOAK_SECONDS="${PGSD_SOAK_SECONDS:-1200}" {{python}} -m pytest tests/test_soak.py -m soak -s {{args}}

@@ -757,6 +757,8 @@ class ConnectionPool:
         conn._settle_later = True
         self._entries.add(entry)
         self._put_back(entry)
+        # wait_ready() counts connections: wake it even when a waiter got this one.
+        self._notify()
 
     def _connect_failed(self, error: BaseException) -> None:
         self._errors += 1
