@@ -16,6 +16,32 @@ setup:
 test *args: setup
     {{python}} -m pytest {{args}}
 
+# run the version-sensitive tests (-m matrix) on every major, installing missing ones from npm
+test-matrix *majors="13 14 15 16 17 18": setup
+    #!/usr/bin/env bash
+    set -uo pipefail
+    export PGSD_INSTALL_PG=1
+    # Every major first, so that no download runs inside a test's timeout.
+    {{python}} -m pgsd.testing install {{majors}} || exit 1
+    log=$(mktemp)
+    trap 'rm -f "$log"' EXIT
+    summary=() passed=0 failed=0 status=0
+    for major in {{majors}}; do
+        echo "== PostgreSQL $major: pytest -m matrix"
+        PGSD_TEST_PG=$major {{python}} -m pytest -m matrix | tee "$log"
+        code=${PIPESTATUS[0]}
+        result=$(grep -E ' in [0-9.]+s' "$log" | tail -n 1 | tr -d '=' | sed -E 's/^ +| +$//g')
+        count() { grep -oE "[0-9]+ $1" <<<"$result" | grep -oE '^[0-9]+' || echo 0; }
+        passed=$((passed + $(count passed)))
+        failed=$((failed + $(count failed) + $(count error)))
+        if [ "$code" -eq 0 ]; then verdict=ok; else verdict="FAILED (exit $code)"; status=1; fi
+        summary+=("PostgreSQL $major: $verdict, ${result:-no result}")
+    done
+    echo "== test-matrix"
+    printf '%s\n' "${summary[@]}"
+    echo "test-matrix: $passed passed, $failed failed"
+    exit $status
+
 # ruff (lint and format) and mypy --strict
 lint: setup
     {{python}} -m ruff check src tests benchmarks loadtest

@@ -26,6 +26,7 @@ async def backend_state(pg_server: PostgresServer, pid: int) -> str | None:
     return row[0] if row else None
 
 
+@pytest.mark.matrix
 async def test_connect_returns_pgsd_connection_in_autocommit(conn: pgsd.Connection) -> None:
     assert isinstance(conn, pgsd.Connection)
     assert isinstance(conn, psycopg.AsyncConnection)
@@ -35,6 +36,7 @@ async def test_connect_returns_pgsd_connection_in_autocommit(conn: pgsd.Connecti
     assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
 
+@pytest.mark.matrix
 async def test_connect_accepts_database_config(pg_server: PostgresServer) -> None:
     config = pgsd.DatabaseConfig(
         host=pg_server.host, port=pg_server.port, dbname="postgres", user=pg_server.superuser
@@ -48,6 +50,7 @@ async def test_connect_accepts_database_config(pg_server: PostgresServer) -> Non
     assert conn.closed
 
 
+@pytest.mark.matrix
 async def test_fetch_many_rows_and_types(conn: pgsd.Connection) -> None:
     cur = await conn.execute(
         "SELECT g, g::text, g * 1.5 FROM generate_series(1, 1000) AS s(g) ORDER BY 1"
@@ -59,6 +62,7 @@ async def test_fetch_many_rows_and_types(conn: pgsd.Connection) -> None:
     assert rest[-1][0] == 1000
 
 
+@pytest.mark.matrix
 async def test_transaction_commits_and_rolls_back(conn: pgsd.Connection) -> None:
     await conn.execute("CREATE TEMP TABLE t (x int)")
     async with conn.transaction():
@@ -144,6 +148,7 @@ async def test_concurrent_tasks_share_one_connection_serially(conn: pgsd.Connect
     assert sorted(results) == list(range(20))
 
 
+@pytest.mark.matrix
 async def test_cancelled_query_is_stopped_on_the_server(
     pg_server: PostgresServer, conn: pgsd.Connection
 ) -> None:
@@ -249,6 +254,7 @@ async def test_connect_refused_port_is_server_unavailable() -> None:
     assert isinstance(info.value.__cause__, psycopg.OperationalError)
 
 
+@pytest.mark.matrix
 async def test_wrong_password_is_authentication_error(pg_server: PostgresServer) -> None:
     pg_server.create_role("pw_user", password="right-one")
     try:
@@ -263,12 +269,14 @@ async def test_wrong_password_is_authentication_error(pg_server: PostgresServer)
         pg_server.execute("DROP ROLE pw_user")
 
 
+@pytest.mark.matrix
 async def test_unknown_database_is_database_not_found(pg_server: PostgresServer) -> None:
     with pytest.raises(pgsd.DatabaseNotFound) as info:
         await pgsd.connect(pg_server.dsn(dbname="no_such_db"))
     assert "no_such_db" in str(info.value)
 
 
+@pytest.mark.matrix
 async def test_connection_limit_is_too_many_connections(pg_server: PostgresServer) -> None:
     pg_server.create_role("limited_user", options="CONNECTION LIMIT 1")
     try:

@@ -155,6 +155,7 @@ async def test_a_connector_is_entered_only_once(config: pgsd.ConnectorConfig) ->
 # -- verifying --------------------------------------------------------------
 
 
+@pytest.mark.matrix
 async def test_verify_all_reports_every_database_in_config_order(
     config: pgsd.ConnectorConfig, pg_server: PostgresServer
 ) -> None:
@@ -189,6 +190,7 @@ async def test_verify_all_reports_every_database_in_config_order(
     assert elapsed < 2 * 1.0
 
 
+@pytest.mark.matrix
 async def test_verify_all_checks_databases_concurrently(pg_server: PostgresServer) -> None:
     config = pgsd.ConnectorConfig(
         databases={
@@ -207,6 +209,7 @@ async def test_verify_all_checks_databases_concurrently(pg_server: PostgresServe
     assert elapsed < 1.8
 
 
+@pytest.mark.matrix
 async def test_report_to_dict_is_json_ready(config: pgsd.ConnectorConfig) -> None:
     with anyio.fail_after(BOUND):
         async with pgsd.DatabaseConnector(config) as connector:
@@ -239,6 +242,7 @@ async def test_report_to_dict_is_json_ready(config: pgsd.ConnectorConfig) -> Non
     assert data["unreachable"]["permissions"] is None
 
 
+@pytest.mark.matrix
 async def test_missing_required_privileges_make_the_report_not_ok(
     pg_server: PostgresServer,
 ) -> None:
@@ -268,6 +272,7 @@ async def test_missing_required_privileges_make_the_report_not_ok(
     assert reports["admin"].ok, reports["admin"].error
 
 
+@pytest.mark.matrix
 async def test_server_older_than_min_server_version_is_reported_unsupported(
     pg_server: PostgresServer,
 ) -> None:
@@ -294,6 +299,7 @@ async def test_server_older_than_min_server_version_is_reported_unsupported(
     assert reports["current"].ok, reports["current"].error
 
 
+@pytest.mark.matrix
 async def test_verify_connection_accepts_a_config(
     config: pgsd.ConnectorConfig, pg_server: PostgresServer
 ) -> None:
@@ -401,6 +407,7 @@ async def test_ping_returns_the_round_trip_in_seconds(config: pgsd.ConnectorConf
     assert 0 < seconds < BOUND
 
 
+@pytest.mark.matrix
 async def test_get_version_and_check_permissions_match_the_module_functions(
     config: pgsd.ConnectorConfig,
 ) -> None:

@@ -184,6 +184,7 @@ async def connected(app_db: AppDatabase, role: str) -> AsyncIterator[pgsd.Connec
         await conn.close()
 
 
+@pytest.mark.matrix
 async def test_superuser_holds_every_privilege_on_existing_objects(
     conn: pgsd.Connection, pg_server: PostgresServer
 ) -> None:
@@ -211,6 +212,7 @@ async def test_superuser_holds_every_privilege_on_existing_objects(
     assert report.attributes.bypassrls
 
 
+@pytest.mark.matrix
 async def test_predefined_roles_are_reported_where_the_server_has_them(
     conn: pgsd.Connection, pg_server: PostgresServer
 ) -> None:
@@ -221,6 +223,7 @@ async def test_predefined_roles_are_reported_where_the_server_has_them(
     assert report.roles == expected
 
 
+@pytest.mark.matrix
 async def test_pg_read_all_data_is_missing_where_the_server_lacks_it(
     conn: pgsd.Connection, pg_server: PostgresServer
 ) -> None:
@@ -228,17 +231,20 @@ async def test_pg_read_all_data_is_missing_where_the_server_lacks_it(
     assert report.ok is (pg_server.major >= 14)
 
 
+@pytest.mark.matrix
 async def test_superuser_still_misses_objects_that_do_not_exist(conn: pgsd.Connection) -> None:
     report = await pgsd.check_permissions(conn, ["schema:nope:USAGE", "role:nope"])
     assert report.missing == ("schema:nope:USAGE", "role:nope")
 
 
+@pytest.mark.matrix
 async def test_no_requirements_means_ok(conn: pgsd.Connection) -> None:
     report = await pgsd.check_permissions(conn)
     assert report.ok
     assert report.required == report.missing == ()
 
 
+@pytest.mark.matrix
 async def test_connect_only_role_misses_schema_and_table(app_db: AppDatabase, role: str) -> None:
     required = ["database:CONNECT", "schema:app:USAGE", "table:app.users:SELECT"]
     async with connected(app_db, role) as conn:
@@ -256,11 +262,13 @@ async def test_connect_only_role_misses_schema_and_table(app_db: AppDatabase, ro
     assert report.roles == frozenset()
 
 
+@pytest.mark.matrix
 async def test_system_schemas_are_not_reported(conn: pgsd.Connection) -> None:
     report = await pgsd.check_permissions(conn)
     assert not {"pg_catalog", "pg_toast", "information_schema"} & report.schemas.keys()
 
 
+@pytest.mark.matrix
 async def test_granted_privileges_appear(app_db: AppDatabase, role: str) -> None:
     app_db.execute(f"GRANT USAGE ON SCHEMA app TO {_ident(role)}")
     app_db.execute(f"GRANT SELECT, UPDATE ON app.users TO {_ident(role)}")
@@ -271,6 +279,7 @@ async def test_granted_privileges_appear(app_db: AppDatabase, role: str) -> None
     assert report.schemas["app"] == {"USAGE"}
 
 
+@pytest.mark.matrix
 async def test_table_privilege_without_schema_usage_is_missing(
     app_db: AppDatabase, role: str
 ) -> None:
@@ -280,6 +289,7 @@ async def test_table_privilege_without_schema_usage_is_missing(
     assert report.missing == ("table:app.users:SELECT",)
 
 
+@pytest.mark.matrix
 async def test_unqualified_table_is_found_through_the_search_path(
     app_db: AppDatabase, role: str
 ) -> None:
@@ -293,6 +303,7 @@ async def test_unqualified_table_is_found_through_the_search_path(
     assert missing_after == ()
 
 
+@pytest.mark.matrix
 async def test_quoted_names_match_exactly(app_db: AppDatabase, role: str) -> None:
     app_db.execute(f'GRANT USAGE ON SCHEMA "My App" TO {_ident(role)}')
     app_db.execute(f'GRANT SELECT ON "My App"."Users" TO {_ident(role)}')
@@ -303,6 +314,7 @@ async def test_quoted_names_match_exactly(app_db: AppDatabase, role: str) -> Non
     assert report.missing == (folded,)
 
 
+@pytest.mark.matrix
 async def test_predefined_role_membership_is_inherited(app_db: AppDatabase, role: str) -> None:
     app_db.execute(f"GRANT pg_monitor TO {_ident(role)}")
     required = ["role:pg_monitor", "role:pg_read_all_stats", "role:pg_read_all_data"]
@@ -313,6 +325,7 @@ async def test_predefined_role_membership_is_inherited(app_db: AppDatabase, role
     assert report.missing == ("role:pg_read_all_data",)
 
 
+@pytest.mark.matrix
 async def test_membership_that_needs_set_role_does_not_count(
     app_db: AppDatabase, noinherit_role: str
 ) -> None:
@@ -323,6 +336,7 @@ async def test_membership_that_needs_set_role_does_not_count(
     assert report.roles == frozenset()
 
 
+@pytest.mark.matrix
 async def test_nonexistent_objects_are_missing_in_the_order_given(
     app_db: AppDatabase, role: str
 ) -> None:
@@ -340,12 +354,14 @@ async def test_nonexistent_objects_are_missing_in_the_order_given(
     assert report.missing == tuple(r for r in required if r != "database:CONNECT")
 
 
+@pytest.mark.matrix
 async def test_malformed_requirement_raises_config_error(conn: pgsd.Connection) -> None:
     with pytest.raises(ConfigError):
         await pgsd.check_permissions(conn, ["database:CONNECT", "schema:app"])
     await conn.execute("SELECT 1")
 
 
+@pytest.mark.matrix
 async def test_require_permissions_raises_listing_what_is_missing(
     app_db: AppDatabase, role: str
 ) -> None:
@@ -358,6 +374,7 @@ async def test_require_permissions_raises_listing_what_is_missing(
     assert "schema:app:USAGE" in str(info.value)
 
 
+@pytest.mark.matrix
 async def test_require_permissions_returns_the_report_when_granted(
     conn: pgsd.Connection,
 ) -> None:
@@ -365,6 +382,7 @@ async def test_require_permissions_returns_the_report_when_granted(
     assert report.ok
 
 
+@pytest.mark.matrix
 async def test_check_inside_a_transaction_leaves_it_open_and_healthy(
     app_db: AppDatabase, role: str
 ) -> None:
@@ -385,12 +403,14 @@ async def _transaction_id(conn: pgsd.Connection) -> int:
     return int(row[0])
 
 
+@pytest.mark.matrix
 async def test_check_without_autocommit_leaves_no_transaction(conn: pgsd.Connection) -> None:
     await conn.set_autocommit(False)
     await pgsd.check_permissions(conn, ["database:CONNECT"])
     assert conn.info.transaction_status == TransactionStatus.IDLE
 
 
+@pytest.mark.matrix
 async def test_report_is_frozen(conn: pgsd.Connection) -> None:
     report = await pgsd.check_permissions(conn)
     with pytest.raises(AttributeError):
@@ -399,6 +419,7 @@ async def test_report_is_frozen(conn: pgsd.Connection) -> None:
         report.schemas["x"] = frozenset()  # type: ignore[index]
 
 
+@pytest.mark.matrix
 async def test_report_pickles_and_hashes(conn: pgsd.Connection) -> None:
     report = await pgsd.check_permissions(conn, ["schema:nope:USAGE"])
     copy = pickle.loads(pickle.dumps(report))

@@ -132,6 +132,7 @@ def test_check_supported_raises_a_lower_minimum_to_postgresql_13() -> None:
 # -- against a server -------------------------------------------------------
 
 
+@pytest.mark.matrix
 async def test_get_version_matches_the_server(
     conn: pgsd.Connection, pg_server: PostgresServer
 ) -> None:
@@ -145,6 +146,7 @@ async def test_get_version_matches_the_server(
     assert version.supported
 
 
+@pytest.mark.matrix
 async def test_get_version_inside_a_transaction_leaves_it_open(conn: pgsd.Connection) -> None:
     async with conn.transaction():
         await pgsd.get_version(conn)
@@ -152,6 +154,7 @@ async def test_get_version_inside_a_transaction_leaves_it_open(conn: pgsd.Connec
         await conn.execute("SELECT 1")
 
 
+@pytest.mark.matrix
 async def test_get_version_without_autocommit_leaves_no_transaction(
     conn: pgsd.Connection,
 ) -> None:

@@ -13,7 +13,11 @@ production.
 
 from ._binaries import PostgresBinaries as PostgresBinaries
 from ._binaries import ServerNotFound as ServerNotFound
+from ._binaries import default_cache_dir as default_cache_dir
 from ._binaries import find_binaries as find_binaries
+from ._binaries import install_binaries as install_binaries
+from ._binaries import newest_package_version as newest_package_version
+from ._binaries import npm_platform as npm_platform
 from ._pgbouncer import PgBouncer as PgBouncer
 from ._server import PostgresServer as PostgresServer
 from ._server import free_port as free_port
@@ -23,6 +27,10 @@ __all__ = [
     "PostgresBinaries",
     "PostgresServer",
     "ServerNotFound",
+    "default_cache_dir",
     "find_binaries",
     "free_port",
+    "install_binaries",
+    "newest_package_version",
+    "npm_platform",
 ]
