@@ -19,12 +19,12 @@ from ._binaries import install_binaries as install_binaries
 from ._binaries import newest_package_version as newest_package_version
 from ._binaries import npm_platform as npm_platform
 from ._pgbouncer import PgBouncer as PgBouncer
+from ._process import free_port as free_port
 from ._proxy import FaultProxy as FaultProxy
 from ._replication import StandbyServer as StandbyServer
 from ._replication import promote as promote
 from ._replication import start_standby as start_standby
 from ._server import PostgresServer as PostgresServer
-from ._server import free_port as free_port
 
 __all__ = [
     "FaultProxy",

@@ -394,9 +394,9 @@ def _checked(bindir: Path, major: int, *, for_server_user: bool = True) -> Postg
 def _other_server_user() -> pwd.struct_passwd | None:
     """The OS user the server runs as, when that is not the current user."""
     # Imported here: _server imports this module.
-    from ._server import _server_user
+    from ._process import server_user
 
-    return _server_user()
+    return server_user()
 
 
 def _check_server_user_can_enter(directory: Path) -> None:

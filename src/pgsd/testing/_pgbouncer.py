@@ -12,17 +12,12 @@ server with the same secret (SCRAM pass-through).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
-import tempfile
-import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal
 
 import psycopg
@@ -30,7 +25,8 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
 from ._binaries import ServerNotFound
-from ._server import PostgresServer, _server_user, free_port
+from ._process import ServiceProcess, free_port
+from ._server import PostgresServer
 
 __all__ = ["PgBouncer"]
 
@@ -68,7 +64,7 @@ def _ini_value(value: object) -> str:
     return text
 
 
-class PgBouncer:
+class PgBouncer(ServiceProcess):
     """PgBouncer on a free port of 127.0.0.1, pooling connections to ``server``.
 
     Use it as a context manager around a running server::
@@ -98,7 +94,11 @@ class PgBouncer:
             ``max_prepared_statements`` on a PgBouncer older than 1.21.
     """
 
-    host = "127.0.0.1"
+    _name = "pgbouncer"
+    _start_timeout = 30.0
+    # In session mode a safe shutdown waits for clients to disconnect: the
+    # kill after this long is what bounds it when one never does.
+    _stop_timeout = 10.0
 
     def __init__(
         self,
@@ -108,16 +108,13 @@ class PgBouncer:
         max_prepared_statements: int | None = None,
         pool_size: int = 20,
     ) -> None:
+        super().__init__()
         self.binary = _find_binary()
         self.server = server
         self.pool_mode = pool_mode
         self.max_prepared_statements = max_prepared_statements
         self.pool_size = pool_size
-        self.port = 0
         self._version: tuple[int, int, int] | None = None
-        self._base: Path | None = None
-        self._user = _server_user()
-        self._proc: subprocess.Popen[bytes] | None = None
         self._check_options()
 
     def _check_options(self) -> None:
@@ -172,11 +169,6 @@ class PgBouncer:
 
     # -- lifecycle ---------------------------------------------------------
 
-    @property
-    def running(self) -> bool:
-        """Whether the pgbouncer process is running."""
-        return self._proc is not None and self._proc.poll() is None
-
     def start(self) -> None:
         """Write the configuration and start PgBouncer; wait until it accepts connections.
 
@@ -190,22 +182,12 @@ class PgBouncer:
         if not self.server.running:
             raise RuntimeError("start the PostgresServer before its PgBouncer")
         if self._base is None:
-            self._base = Path(tempfile.mkdtemp(prefix="pgsd-pgbouncer-"))
-            if self._user is not None:
-                os.chown(self._base, self._user.pw_uid, self._user.pw_gid)
+            self._make_base("pgsd-pgbouncer-")
         if not self.port:
             self.port = free_port(self.host)
         self._write_config()
-        # Foreground, as our child: stopping it is a signal and a wait.
-        self._proc = subprocess.Popen(
-            [self.binary, str(self._base / "pgbouncer.ini")],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            **self._popen_kwargs(),
-        )
-        self._wait_ready()
+        assert self._base is not None
+        self._spawn([self.binary, str(self._base / "pgbouncer.ini")])
         logger.info(
             "PgBouncer %s (%s pooling) started on %s:%s",
             self.version_text,
@@ -214,73 +196,8 @@ class PgBouncer:
             self.port,
         )
 
-    def _wait_ready(self) -> None:
-        assert self._proc is not None
-        deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                self._proc = None
-                raise RuntimeError(f"pgbouncer exited at start:\n{self.log()[-4000:]}")
-            try:
-                self._admin_connection(connect_timeout=2).close()
-            except psycopg.OperationalError:
-                time.sleep(0.05)
-            else:
-                return
-        self.kill()
-        raise RuntimeError(f"pgbouncer did not start in {_START_TIMEOUT} s:\n{self.log()[-4000:]}")
-
-    def stop(self) -> None:
-        """Stop PgBouncer: a safe shutdown (SIGINT), killed if it takes over 10 s.
-
-        In session mode a safe shutdown waits for clients to disconnect:
-        the kill is what bounds it when one never does.
-        """
-        proc = self._proc
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.kill()
-        self._proc = None
-
-    def kill(self) -> None:
-        """``kill -9`` PgBouncer: its clients' connections break at once."""
-        proc = self._proc
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait(timeout=30)
-        self._proc = None
-
-    def cleanup(self) -> None:
-        """Stop PgBouncer and remove its directory."""
-        try:
-            self.stop()
-        finally:
-            if self._base is not None:
-                shutil.rmtree(self._base, ignore_errors=True)
-                self._base = None
-
-    def __enter__(self) -> PgBouncer:
-        try:
-            self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
+    def _probe(self) -> None:
+        self._admin_connection(connect_timeout=2).close()
 
     # -- connecting --------------------------------------------------------
 
@@ -319,14 +236,11 @@ class PgBouncer:
 
     # -- internals ---------------------------------------------------------
 
-    def log(self) -> str:
-        """PgBouncer's log so far."""
+    @property
+    def _logfile(self) -> Path:
         if self._base is None:
-            return ""
-        try:
-            return (self._base / "pgbouncer.log").read_text(errors="replace")
-        except OSError:
-            return ""
+            raise RuntimeError("pgbouncer has not been started")
+        return self._base / "pgbouncer.log"
 
     def _settings(self) -> dict[str, object]:
         assert self._base is not None
@@ -370,12 +284,4 @@ class PgBouncer:
         assert self._base is not None
         path = self._base / name
         path.write_text(text)
-        if self._user is not None:
-            os.chown(path, self._user.pw_uid, self._user.pw_gid)
-
-    def _popen_kwargs(self) -> dict[str, Any]:
-        env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
-        kwargs: dict[str, Any] = {"cwd": self._base, "env": env}
-        if self._user is not None:
-            kwargs.update(user=self._user.pw_uid, group=self._user.pw_gid, extra_groups=[])
-        return kwargs
+        self._chown(path)

@@ -10,7 +10,8 @@ from pathlib import Path
 import psycopg
 
 from ._binaries import ServerNotFound
-from ._server import PostgresServer, free_port
+from ._process import free_port
+from ._server import PostgresServer
 
 __all__ = ["StandbyServer", "promote", "start_standby"]
 

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import pwd
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from ._binaries import PostgresBinaries, ServerNotFound, find_binaries
+from ._binaries import PostgresBinaries, find_binaries
+from ._process import ServiceProcess, free_port
 
 __all__ = ["PostgresServer", "free_port"]
 
@@ -51,24 +45,7 @@ _SETTINGS = {
 }
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def _server_user() -> pwd.struct_passwd | None:
-    """The OS user to run the server as: None means the current user."""
-    if os.geteuid() != 0:
-        return None
-    for name in ("postgres", "nobody"):
-        with contextlib.suppress(KeyError):
-            return pwd.getpwnam(name)
-    raise ServerNotFound("running as root and neither 'postgres' nor 'nobody' exists")
-
-
-class PostgresServer:
+class PostgresServer(ServiceProcess):
     """A PostgreSQL server in a temporary directory, listening on 127.0.0.1.
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`::
@@ -84,7 +61,7 @@ class PostgresServer:
         superuser: the name of the bootstrap superuser.
     """
 
-    host = "127.0.0.1"
+    _name = "postgres"
 
     def __init__(
         self,
@@ -99,14 +76,11 @@ class PostgresServer:
             if version is None and env_version:
                 version = int(env_version)
             binaries = find_binaries(version)
+        super().__init__()
         self.binaries = binaries
         self.superuser = superuser
         self.settings = {**_SETTINGS, **(settings or {})}
-        self.port = 0
         self._passwords: dict[str, str] = {}
-        self._base: Path | None = None
-        self._user = _server_user()
-        self._proc: subprocess.Popen[bytes] | None = None
 
     def __repr__(self) -> str:
         state = f"port={self.port}" if self.running else "stopped"
@@ -126,11 +100,6 @@ class PostgresServer:
             raise RuntimeError("the server has not been started")
         return self._base / "data"
 
-    @property
-    def running(self) -> bool:
-        """Whether the postmaster is running."""
-        return self._proc is not None and self._proc.poll() is None
-
     def start(self) -> None:
         """Create the cluster (the first time) and start the server.
 
@@ -141,57 +110,26 @@ class PostgresServer:
         if self.running:
             return
         if self._base is None:
-            self._base = Path(tempfile.mkdtemp(prefix="pgsd-pg-"))
-            (self._base / "socket").mkdir()
-            if self._user is not None:
-                for path in (self._base, self._base / "socket"):
-                    os.chown(path, self._user.pw_uid, self._user.pw_gid)
+            base = self._make_base("pgsd-pg-")
+            (base / "socket").mkdir()
+            self._chown(base / "socket")
             self._initdb()
         if not self.port:
             self.port = free_port(self.host)
-        # The postmaster is our child (not pg_ctl's) so that we can reap it
-        # after a kill -9: a zombie would keep its pid file "alive".
         with self._logfile.open("ab") as log:
-            self._proc = subprocess.Popen(
+            self._spawn(
                 [self.binaries.program("postgres"), "-D", str(self.datadir), "-p", str(self.port)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                **self._popen_kwargs(),
+                log,
             )
-        self._wait_ready()
         logger.info("PostgreSQL %s started on %s:%s", self.major, self.host, self.port)
 
-    def _wait_ready(self) -> None:
-        assert self._proc is not None
-        deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                self._proc = None
-                raise RuntimeError(f"postgres exited at start:\n{self.log()[-4000:]}")
-            try:
-                psycopg.connect(self.dsn(connect_timeout=2)).close()
-            except psycopg.OperationalError:
-                time.sleep(0.05)
-            else:
-                return
-        self.kill()
-        raise RuntimeError(f"postgres did not start in {_START_TIMEOUT} s:\n{self.log()[-4000:]}")
+    def _probe(self) -> None:
+        psycopg.connect(self.dsn(connect_timeout=2)).close()
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (``mode``: smart, fast or immediate); keep its files."""
-        proc = self._proc
-        if proc is None:
-            return
-        sig = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}[mode]
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.kill()
-        self._proc = None
+        signals = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
+        self._stop_with(signals[mode])
 
     def restart(self) -> None:
         """Stop and start again on the same port."""
@@ -204,42 +142,14 @@ class PostgresServer:
         The backends notice that their postmaster died and exit; the next
         :meth:`start` runs crash recovery.
         """
-        proc = self._proc
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait(timeout=30)
-        self._proc = None
+        super().kill()
 
     def postmaster_pid(self) -> int | None:
         """The postmaster's process id, or None when it is not running."""
         return self._proc.pid if self._proc is not None else None
 
-    def cleanup(self) -> None:
-        """Stop the server and remove its directory."""
-        try:
-            self.stop("immediate")
-        finally:
-            if self._base is not None:
-                shutil.rmtree(self._base, ignore_errors=True)
-                self._base = None
-
-    def __enter__(self) -> PostgresServer:
-        try:
-            self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
+    def _shutdown(self) -> None:
+        self.stop("immediate")  # nothing to keep: no checkpoint needed
 
     # -- connecting --------------------------------------------------------
 
@@ -305,15 +215,9 @@ class PostgresServer:
 
     @property
     def _logfile(self) -> Path:
-        assert self._base is not None
+        if self._base is None:
+            raise RuntimeError("the server has not been started")
         return self._base / "server.log"
-
-    def log(self) -> str:
-        """The server's log so far."""
-        try:
-            return self._logfile.read_text(errors="replace")
-        except OSError:
-            return ""
 
     def _initdb(self) -> None:
         self._run(
@@ -334,15 +238,6 @@ class PostgresServer:
                 conf.write(f"{key} = '{value}'\n")
             assert self._base is not None
             conf.write(f"unix_socket_directories = '{self._base / 'socket'}'\n")
-
-    def _popen_kwargs(self) -> dict[str, Any]:
-        env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
-        for var in ("PGHOST", "PGPORT", "PGDATA", "PGUSER", "PGDATABASE", "PGPASSWORD"):
-            env.pop(var, None)
-        kwargs: dict[str, Any] = {"cwd": self._base, "env": env}
-        if self._user is not None:
-            kwargs.update(user=self._user.pw_uid, group=self._user.pw_gid, extra_groups=[])
-        return kwargs
 
     def _run(self, *cmd: str) -> None:
         proc = subprocess.run(
