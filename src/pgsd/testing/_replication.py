@@ -55,10 +55,6 @@ class StandbyServer(PostgresServer):
         state = f"port={self.port}" if self.running else "stopped"
         return f"<StandbyServer {self.major} {state} of port {self.primary.port}>"
 
-    def __enter__(self) -> StandbyServer:
-        super().__enter__()
-        return self
-
     @property
     def slot_name(self) -> str:
         """The replication slot on the primary, also the standby's ``application_name``."""
