@@ -8,8 +8,6 @@ Each test builds its own pair, since a failover cannot be undone.
 from __future__ import annotations
 
 import contextlib
-import itertools
-import os
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
@@ -19,6 +17,7 @@ import pytest
 
 import pgsd
 from pgsd.testing import PostgresServer, StandbyServer, promote, start_standby
+from support import assert_invariants, server_connections, unique_name
 
 pytestmark = pytest.mark.anyio
 
@@ -37,12 +36,6 @@ _POOL = {
 #: for a loaded machine.
 _SCENARIO_TIMEOUT = 20
 _INSERT = "INSERT INTO pgsd_failover (n, port) VALUES (%s, inet_server_port())"
-
-_names = itertools.count()
-
-
-def unique_name() -> str:
-    return f"pgsd_failover_{os.getpid()}_{next(_names)}"
 
 
 @pytest.fixture
@@ -67,12 +60,6 @@ def failover_config(primary: PostgresServer, standby: PostgresServer) -> pgsd.Da
     )
 
 
-def assert_invariants(stats: pgsd.PoolStats) -> None:
-    assert stats.size == stats.idle + stats.in_use
-    assert stats.size + stats.opening <= stats.max_size
-    assert min(stats.size, stats.idle, stats.in_use, stats.opening, stats.waiting) >= 0
-
-
 async def where(conn: pgsd.Connection) -> tuple[int, bool]:
     """The port of the server a connection is on, and whether that server is a standby."""
     cur = await conn.execute("SELECT inet_server_port(), pg_is_in_recovery()")
@@ -80,17 +67,6 @@ async def where(conn: pgsd.Connection) -> tuple[int, bool]:
     assert row is not None
     assert conn.info.port == row[0]
     return int(row[0]), bool(row[1])
-
-
-async def server_connections(server: PostgresServer, application_name: str) -> int:
-    async with await pgsd.connect(server.dsn()) as observer:
-        cur = await observer.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-            [application_name],
-        )
-        row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 async def wait_for_connections(server: PostgresServer, application_name: str, count: int) -> None:

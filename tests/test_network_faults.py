@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,23 +21,12 @@ import pytest
 
 import pgsd
 from pgsd.testing import FaultProxy, PostgresServer
+from support import assert_invariants, unique_name
 
 pytestmark = pytest.mark.anyio
 
 #: Scheduling delay a deadline may see on a loaded machine (seconds).
 MARGIN = 0.25
-
-_names = itertools.count()
-
-
-def unique_name() -> str:
-    return f"pgsd_faults_{os.getpid()}_{next(_names)}"
-
-
-def assert_invariants(stats: pgsd.PoolStats) -> None:
-    assert stats.size == stats.idle + stats.in_use
-    assert stats.size + stats.opening <= stats.max_size
-    assert min(stats.size, stats.idle, stats.in_use, stats.opening, stats.waiting) >= 0
 
 
 @contextlib.asynccontextmanager

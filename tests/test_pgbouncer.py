@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
-import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 
@@ -14,20 +12,16 @@ import pytest
 
 import pgsd
 from pgsd.testing import PgBouncer, PostgresServer
+from support import unique_name
 
 pytestmark = pytest.mark.anyio
 
-_names = itertools.count()
 # PgBouncer 1.21 added tracking of protocol-level prepared statements in
 # transaction mode (max_prepared_statements).
 _TRACKS_PREPARED = (1, 21, 0)
 _SAME_QUERY_RUNS = 10  # well over psycopg's default prepare_threshold of 5
 # What PgBouncer's SHOW POOLS counts as the server connections of a pool.
 _SERVER_STATES = ("sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login")
-
-
-def unique_name() -> str:
-    return f"pgsd_bouncer_{os.getpid()}_{next(_names)}"
 
 
 class Account:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import signal
@@ -17,26 +16,9 @@ from anyio import wait_all_tasks_blocked
 
 import pgsd
 from pgsd.testing import PostgresServer, free_port
+from support import assert_invariants, db_config, server_connections, wait_until_gone
 
 pytestmark = pytest.mark.anyio
-
-_names = itertools.count()
-
-
-def unique_name() -> str:
-    return f"pgsd_pool_{os.getpid()}_{next(_names)}"
-
-
-def db_config(server: PostgresServer, **overrides: Any) -> pgsd.DatabaseConfig:
-    overrides.setdefault("application_name", unique_name())
-    return pgsd.DatabaseConfig.from_dsn(server.dsn(), **overrides)
-
-
-def assert_invariants(stats: pgsd.PoolStats) -> None:
-    assert stats.size == stats.idle + stats.in_use
-    assert stats.size + stats.opening <= stats.max_size
-    assert min(stats.size, stats.idle, stats.in_use, stats.opening, stats.waiting) >= 0
-    assert stats.wait_time_max <= stats.wait_time_total or stats.acquires == 0
 
 
 @contextlib.asynccontextmanager
@@ -47,25 +29,6 @@ async def open_pool(
         yield pool
     assert_invariants(pool.stats())
     assert pool.stats().size == 0
-
-
-async def server_connections(server: PostgresServer, application_name: str) -> int:
-    async with await pgsd.connect(server.dsn()) as observer:
-        cur = await observer.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-            [application_name],
-        )
-        row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-async def wait_until_gone(server: PostgresServer, application_name: str) -> None:
-    """Backends exit just after their client closes: poll, bounded in count."""
-    for _ in range(1000):
-        if await server_connections(server, application_name) == 0:
-            return
-    raise AssertionError(f"server connections of {application_name} did not go away")
 
 
 @pytest.fixture

@@ -12,9 +12,7 @@ reach a borrower any more.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
-import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ import pytest
 
 import pgsd
 from pgsd.testing import PostgresServer
+from support import assert_invariants, db_config, invariants_hold, unique_name
 
 pytestmark = pytest.mark.anyio
 
@@ -41,34 +40,6 @@ POLL_PACE = 0.01
 #: The watcher's pace and its bound on samples.
 SAMPLE_PACE = 0.005
 MAX_SAMPLES = 20_000
-
-_names = itertools.count()
-
-
-def unique_name() -> str:
-    return f"pgsd_fault_{os.getpid()}_{next(_names)}"
-
-
-def db_config(
-    server: PostgresServer, *, user: str | None = None, **overrides: Any
-) -> pgsd.DatabaseConfig:
-    """A config with an application_name of its own, to find its connections on the server."""
-    overrides.setdefault("application_name", unique_name())
-    return pgsd.DatabaseConfig.from_dsn(server.dsn(user=user), **overrides)
-
-
-def invariants_hold(stats: pgsd.PoolStats) -> bool:
-    return (
-        stats.size == stats.idle + stats.in_use
-        and stats.size + stats.opening <= stats.max_size
-        and min(stats.size, stats.idle, stats.in_use, stats.opening, stats.waiting) >= 0
-    )
-
-
-def assert_invariants(stats: pgsd.PoolStats) -> None:
-    assert stats.size == stats.idle + stats.in_use
-    assert stats.size + stats.opening <= stats.max_size
-    assert min(stats.size, stats.idle, stats.in_use, stats.opening, stats.waiting) >= 0
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ import pytest
 
 import pgsd
 from pgsd.testing import PostgresServer
+from support import invariants_hold, server_connections
 
 CYCLES = int(os.environ.get("PGSD_SOAK_CYCLES", "20000"))
 SECONDS = float(os.environ.get("PGSD_SOAK_SECONDS", "60"))
@@ -62,25 +63,6 @@ def rss_bytes() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS in /proc/self/status")
-
-
-def invariants_hold(stats: pgsd.PoolStats) -> bool:
-    return (
-        stats.size == stats.idle + stats.in_use
-        and stats.size + stats.opening <= stats.max_size
-        and min(stats.size, stats.idle, stats.in_use, stats.opening, stats.waiting) >= 0
-    )
-
-
-async def server_connections(server: PostgresServer, application_name: str) -> int:
-    async with await pgsd.connect(server.dsn()) as observer:
-        cur = await observer.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-            [application_name],
-        )
-        row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 async def wait_until_gone(server: PostgresServer, application_name: str) -> None:

@@ -8,15 +8,13 @@ size, serve the requests first come first served, and time none out.
 
 from __future__ import annotations
 
-import itertools
-import os
-
 import anyio
 import anyio.abc
 import pytest
 
 import pgsd
 from pgsd.testing import FaultProxy, PostgresServer
+from support import unique_name
 
 pytestmark = pytest.mark.anyio
 
@@ -27,12 +25,6 @@ ACQUIRE_TIMEOUT = 5.0
 #: How long each request holds its connection: long enough that one
 #: connection cannot absorb the burst before the others are open.
 HOLD_QUERY = "SELECT pg_sleep(0.05)"
-
-_names = itertools.count()
-
-
-def unique_name() -> str:
-    return f"pgsd_spike_{os.getpid()}_{next(_names)}"
 
 
 class _Spike:
