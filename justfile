@@ -66,6 +66,10 @@ bench *args: setup
 bench-compare *args: setup
     {{python}} -m pytest benchmarks --benchmark-compare {{args}}
 
+# CI: the short form, failing when pgsd falls behind its peers in this run (thresholds in benchmarks/README.md)
+bench-ci *args: setup
+    {{python}} -m pytest benchmarks --bench-short --bench-gate {{args}}
+
 # stability soak: 1,000,000 acquire/release cycles on each backend, printing cycles/s and RSS (PGSD_SOAK_CYCLES, PGSD_SOAK_SECONDS override)
 soak *args: setup
     PGSD_SOAK_CYCLES="${PGSD_SOAK_CYCLES:-1000000}" PGSD_SOAK_SECONDS="${PGSD_SOAK_SECONDS:-1200}" {{python}} -m pytest tests/test_soak.py -m soak -s {{args}}

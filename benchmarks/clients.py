@@ -3,6 +3,11 @@
 A scenario is written once against `BenchPool`: open a pool of a given size
 on the running event loop, then call its operations. Adding a scenario that
 needs a new operation means adding one method here per library.
+
+Each library is imported only when its pool is first opened, so that a
+process measuring one client's memory (``peak_rss.py``) loads that library
+alone. Every pool is given the same PostgreSQL URL, which libpq (pgsd,
+psycopg_pool) and asyncpg all accept as it is.
 """
 
 from __future__ import annotations
@@ -11,24 +16,38 @@ import abc
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import asyncpg
-import psycopg_pool
-from psycopg.conninfo import conninfo_to_dict
+import anyio
 
-import pgsd
+if TYPE_CHECKING:
+    import asyncpg  # type: ignore[import-untyped]
+    import psycopg_pool
 
-__all__ = ["CLIENTS", "PEERS", "BenchPool", "Client"]
+    import pgsd
+
+__all__ = ["CLIENTS", "OPEN_TIMEOUT", "PEERS", "BenchPool", "Client", "client_named"]
+
+#: How long opening a pool may take until all its connections are up.
+OPEN_TIMEOUT = 30.0
 
 
 class BenchPool(abc.ABC):
     """One library's pool, open on the current event loop."""
 
+    #: What the library raises when ``acquire_timeout`` passes without a connection.
+    timeout_errors: tuple[type[BaseException], ...]
+
     @classmethod
     @abc.abstractmethod
-    def open(cls, dsn: str, size: int) -> AbstractAsyncContextManager[BenchPool]:
-        """Open a pool of ``size`` connections and wait until all are connected."""
+    def open(
+        cls, url: str, size: int, *, acquire_timeout: float | None = None
+    ) -> AbstractAsyncContextManager[BenchPool]:
+        """Open a pool of ``size`` connections and wait until all are connected.
+
+        ``acquire_timeout`` bounds each wait for a connection (default: the
+        library's own default).
+        """
 
     @abc.abstractmethod
     async def acquire_release(self) -> None:
@@ -38,19 +57,42 @@ class BenchPool(abc.ABC):
     async def select_one(self) -> None:
         """Borrow a connection, run ``SELECT 1``, read the row, give it back."""
 
+    @abc.abstractmethod
+    def size(self) -> int:
+        """How many connections the pool holds now, lent or idle."""
+
+    @abc.abstractmethod
+    def borrow(self) -> AbstractAsyncContextManager[int]:
+        """Hold a connection for the block; yields its server process id.
+
+        The process id (known to the driver, no query) tells the pool's
+        connections apart. Raises one of :attr:`timeout_errors` when no
+        connection comes within the acquire timeout.
+        """
+
 
 class PgsdPool(BenchPool):
     def __init__(self, pool: pgsd.ConnectionPool) -> None:
+        import pgsd
+
         self._pool = pool
+        self.timeout_errors = (pgsd.PoolTimeout,)
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, dsn: str, size: int) -> AsyncIterator[BenchPool]:
-        config = pgsd.DatabaseConfig.from_dsn(dsn)
-        async with pgsd.ConnectionPool(
-            config, pgsd.PoolConfig(min_size=size, max_size=size)
-        ) as pool:
-            await pool.wait_ready()
+    async def open(
+        cls, url: str, size: int, *, acquire_timeout: float | None = None
+    ) -> AsyncIterator[BenchPool]:
+        import pgsd
+
+        config = pgsd.DatabaseConfig.from_dsn(url)
+        options: dict[str, Any] = {}
+        if acquire_timeout is not None:
+            options["acquire_timeout"] = acquire_timeout
+        pool_config = pgsd.PoolConfig(min_size=size, max_size=size, **options)
+        async with pgsd.ConnectionPool(config, pool_config) as pool:
+            # Not the acquire timeout, which may be short: psycopg_pool's wait().
+            await pool.wait_ready(timeout=OPEN_TIMEOUT)
             yield cls(pool)
 
     async def acquire_release(self) -> None:
@@ -61,21 +103,44 @@ class PgsdPool(BenchPool):
         async with self._pool.connection() as conn:
             cur = await conn.execute("SELECT 1")
             await cur.fetchone()
+
+    def size(self) -> int:
+        return self._pool.stats().size
+
+    @asynccontextmanager
+    async def borrow(self) -> AsyncIterator[int]:
+        async with self._pool.connection() as conn:
+            yield conn.info.backend_pid
 
 
 class PsycopgPool(BenchPool):
     def __init__(self, pool: psycopg_pool.AsyncConnectionPool) -> None:
+        import psycopg_pool
+
         self._pool = pool
+        self.timeout_errors = (psycopg_pool.PoolTimeout,)
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, dsn: str, size: int) -> AsyncIterator[BenchPool]:
+    async def open(
+        cls, url: str, size: int, *, acquire_timeout: float | None = None
+    ) -> AsyncIterator[BenchPool]:
+        import psycopg_pool
+
+        options: dict[str, Any] = {}
+        if acquire_timeout is not None:
+            options["timeout"] = acquire_timeout
         # Autocommit, as pgsd's connections are: otherwise every SELECT
         # opens a transaction that the pool rolls back on return.
         async with psycopg_pool.AsyncConnectionPool(
-            dsn, min_size=size, max_size=size, kwargs={"autocommit": True}, open=False
+            url,
+            min_size=size,
+            max_size=size,
+            kwargs={"autocommit": True},
+            open=False,
+            **options,
         ) as pool:
-            await pool.wait()
+            await pool.wait(timeout=OPEN_TIMEOUT)
             yield cls(pool)
 
     async def acquire_release(self) -> None:
@@ -87,47 +152,53 @@ class PsycopgPool(BenchPool):
             cur = await conn.execute("SELECT 1")
             await cur.fetchone()
 
+    def size(self) -> int:
+        return self._pool.get_stats()["pool_size"]
+
+    @asynccontextmanager
+    async def borrow(self) -> AsyncIterator[int]:
+        async with self._pool.connection() as conn:
+            yield conn.info.backend_pid
+
 
 class AsyncpgPool(BenchPool):
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout: float | None) -> None:
         self._pool = pool
+        self._timeout = acquire_timeout
+        # asyncpg's acquire timeout is asyncio's: the built-in TimeoutError.
+        self.timeout_errors = (TimeoutError,)
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, dsn: str, size: int) -> AsyncIterator[BenchPool]:
+    async def open(
+        cls, url: str, size: int, *, acquire_timeout: float | None = None
+    ) -> AsyncIterator[BenchPool]:
+        import asyncpg
+
         # asyncpg's defaults otherwise, including the reset query it runs
-        # on every release.
-        async with asyncpg.create_pool(
-            min_size=size, max_size=size, **_asyncpg_params(dsn)
-        ) as pool:
-            yield cls(pool)
+        # on every release. It has no pool-wide acquire timeout (it waits
+        # forever by default): each acquire is given it.
+        with anyio.fail_after(OPEN_TIMEOUT):
+            pool = await asyncpg.create_pool(url, min_size=size, max_size=size)
+        async with pool:
+            yield cls(pool, acquire_timeout)
 
     async def acquire_release(self) -> None:
-        async with self._pool.acquire():
+        async with self._pool.acquire(timeout=self._timeout):
             pass
 
     async def select_one(self) -> None:
-        async with self._pool.acquire() as conn:
+        async with self._pool.acquire(timeout=self._timeout) as conn:
             await conn.fetchval("SELECT 1")
 
+    def size(self) -> int:
+        size: int = self._pool.get_size()
+        return size
 
-#: libpq keywords and the names asyncpg gives them.
-_ASYNCPG_KEYWORDS = {
-    "host": "host",
-    "port": "port",
-    "dbname": "database",
-    "user": "user",
-    "password": "password",
-}
-
-
-def _asyncpg_params(dsn: str) -> dict[str, Any]:
-    """asyncpg takes URLs, not libpq's key=value strings: pass the parts."""
-    params = conninfo_to_dict(dsn)
-    out = {theirs: params[ours] for ours, theirs in _ASYNCPG_KEYWORDS.items() if ours in params}
-    if "port" in out:
-        out["port"] = int(str(out["port"]))
-    return out
+    @asynccontextmanager
+    async def borrow(self) -> AsyncIterator[int]:
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            yield conn.get_server_pid()
 
 
 @dataclass(frozen=True)
@@ -151,3 +222,15 @@ CLIENTS = (
 )
 #: The clients pgsd's figures are divided by.
 PEERS = tuple(client.name for client in CLIENTS if not client.is_pgsd)
+
+
+def client_named(name: str) -> Client:
+    """The client called ``name``.
+
+    Raises:
+        KeyError: no client has that name.
+    """
+    for client in CLIENTS:
+        if client.name == name:
+            return client
+    raise KeyError(name)

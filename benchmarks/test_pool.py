@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from functools import partial
 
-import anyio
 import pytest
 
 from harness import Bench, Sizes
-
-
-async def _run_tasks(op: Callable[[], Awaitable[None]], total: int, tasks: int) -> None:
-    """Run ``op`` ``total`` times over ``tasks`` tasks, each looping until none are left."""
-    remaining = total
-
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            await op()
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(tasks):
-            tg.start_soon(worker)
+from workload import run_tasks
 
 
 def test_acquire_release(bench: Bench, sizes: Sizes) -> None:
@@ -42,5 +26,5 @@ def test_acquire_release(bench: Bench, sizes: Sizes) -> None:
 def test_select_one(bench: Bench, sizes: Sizes, tasks: int) -> None:
     """``SELECT 1`` through a pool of 5, from as many tasks as connections, and more."""
     ops = sizes.select_ops
-    batch = partial(_run_tasks, bench.pool.select_one, ops, tasks)
-    bench.run(f"SELECT 1, {tasks} tasks", batch, ops, per_op=False)
+    batch = partial(run_tasks, bench.pool.select_one, ops, tasks)
+    bench.run(f"SELECT 1, {tasks} tasks", batch, ops, per_op=False, vs_pgbench=True)
