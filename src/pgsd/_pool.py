@@ -664,9 +664,9 @@ class ConnectionPool:
 
     def _grow(self) -> None:
         """Start connection attempts up to what the demand and ``min_size`` need."""
-        if self._closed or self._task_group is None:
-            return
         size = len(self._entries)
+        if size + self._opening >= self._max_size or self._closed or self._task_group is None:
+            return  # full (the usual case under load), closed, or not open
         demand = size - len(self._idle) + self._waiting
         target = max(self._min_size, min(self._max_size, demand))
         missing = min(target, self._max_size) - size - self._opening
