@@ -73,3 +73,11 @@ bench-ci *args: setup
 # stability soak: 1,000,000 acquire/release cycles on each backend, printing cycles/s and RSS (PGSD_SOAK_CYCLES, PGSD_SOAK_SECONDS override)
 soak *args: setup
     PGSD_SOAK_CYCLES="${PGSD_SOAK_CYCLES:-1000000}" PGSD_SOAK_SECONDS="${PGSD_SOAK_SECONDS:-1200}" {{python}} -m pytest tests/test_soak.py -m soak -s {{args}}
+
+# Locust smoke, headless, 50 users for 20 s per backend: asyncio with a server restart, trio with a 3 s black hole; each run checked (loadtest/README.md)
+loadtest *args: setup
+    {{python}} loadtest/_smoke.py standalone {{args}}
+
+# Locust distributed on 127.0.0.1: a master and two workers (asyncio and trio), bounded in time, checked like loadtest
+loadtest-distributed *args: setup
+    {{python}} loadtest/_smoke.py distributed {{args}}
