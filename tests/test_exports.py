@@ -1,4 +1,4 @@
-"""The public API: exactly the names DESIGN.md fixes, each documented."""
+"""The public API: exactly these names, each documented."""
 
 from __future__ import annotations
 

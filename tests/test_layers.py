@@ -1,4 +1,4 @@
-"""The layering DESIGN.md fixes: one module knows the event loop."""
+"""The layering: one module knows the event loop."""
 
 from __future__ import annotations
 

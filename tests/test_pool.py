@@ -1,4 +1,4 @@
-"""ConnectionPool: the behaviours DESIGN.md requires, each on asyncio and trio."""
+"""ConnectionPool: the behaviours the README promises, each on asyncio and trio."""
 
 from __future__ import annotations
 
