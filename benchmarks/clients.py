@@ -71,7 +71,31 @@ class BenchPool(abc.ABC):
         """
 
 
-class PgsdPool(BenchPool):
+class _PsycopgStylePool(BenchPool):
+    """A pool lending psycopg connections with ``async with pool.connection()``.
+
+    pgsd's pool and psycopg_pool's are used exactly alike here, so that only
+    the pools differ between their columns.
+    """
+
+    _pool: Any
+
+    async def acquire_release(self) -> None:
+        async with self._pool.connection():
+            pass
+
+    async def select_one(self) -> None:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute("SELECT 1")
+            await cur.fetchone()
+
+    @asynccontextmanager
+    async def borrow(self) -> AsyncIterator[int]:
+        async with self._pool.connection() as conn:
+            yield conn.info.backend_pid
+
+
+class PgsdPool(_PsycopgStylePool):
     def __init__(self, pool: pgsd.ConnectionPool) -> None:
         import pgsd
 
@@ -95,25 +119,11 @@ class PgsdPool(BenchPool):
             await pool.wait_ready(timeout=OPEN_TIMEOUT)
             yield cls(pool)
 
-    async def acquire_release(self) -> None:
-        async with self._pool.connection():
-            pass
-
-    async def select_one(self) -> None:
-        async with self._pool.connection() as conn:
-            cur = await conn.execute("SELECT 1")
-            await cur.fetchone()
-
     def size(self) -> int:
         return self._pool.stats().size
 
-    @asynccontextmanager
-    async def borrow(self) -> AsyncIterator[int]:
-        async with self._pool.connection() as conn:
-            yield conn.info.backend_pid
 
-
-class PsycopgPool(BenchPool):
+class PsycopgPool(_PsycopgStylePool):
     def __init__(self, pool: psycopg_pool.AsyncConnectionPool) -> None:
         import psycopg_pool
 
@@ -143,22 +153,8 @@ class PsycopgPool(BenchPool):
             await pool.wait(timeout=OPEN_TIMEOUT)
             yield cls(pool)
 
-    async def acquire_release(self) -> None:
-        async with self._pool.connection():
-            pass
-
-    async def select_one(self) -> None:
-        async with self._pool.connection() as conn:
-            cur = await conn.execute("SELECT 1")
-            await cur.fetchone()
-
     def size(self) -> int:
         return self._pool.get_stats()["pool_size"]
-
-    @asynccontextmanager
-    async def borrow(self) -> AsyncIterator[int]:
-        async with self._pool.connection() as conn:
-            yield conn.info.backend_pid
 
 
 class AsyncpgPool(BenchPool):

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+from collections.abc import AsyncIterator
 from typing import Any
+
+import anyio
+import psycopg
 
 import pgsd
 from pgsd.testing import PostgresServer
@@ -58,3 +63,78 @@ async def wait_until_gone(server: PostgresServer, application_name: str) -> None
         if await server_connections(server, application_name) == 0:
             return
     raise AssertionError(f"server connections of {application_name} did not go away")
+
+
+class Watch:
+    """Samples a pool until stopped: its server connections, and its statistics.
+
+    ``most`` is the largest number of server connections seen with the
+    pool's application_name (``pg_stat_activity``, through a connection of
+    its own that is reopened after a fault); ``broken`` holds every
+    statistics snapshot that breaks an invariant.
+    """
+
+    def __init__(
+        self, server: PostgresServer, pool: pgsd.ConnectionPool, pace: float, max_samples: int
+    ) -> None:
+        self.server = server
+        self.pool = pool
+        self.pace = pace
+        self.max_samples = max_samples
+        self.most = 0
+        self.samples = 0
+        self.broken: list[pgsd.PoolStats] = []
+        self._stopped = anyio.Event()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    async def run(self) -> None:
+        observer: pgsd.Connection | None = None
+        try:
+            for _ in range(self.max_samples):
+                if self._stopped.is_set():
+                    return
+                stats = self.pool.stats()
+                if not invariants_hold(stats):
+                    self.broken.append(stats)
+                observer = await self._sample(observer)
+                with anyio.move_on_after(self.pace):
+                    await self._stopped.wait()
+        finally:
+            if observer is not None:
+                await observer.close()
+
+    async def _sample(self, observer: pgsd.Connection | None) -> pgsd.Connection | None:
+        try:
+            if observer is None:
+                observer = await pgsd.connect(self.server.dsn(connect_timeout=1))
+            cur = await observer.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                [self.pool.config.application_name],
+            )
+            row = await cur.fetchone()
+        except (pgsd.ConnectError, psycopg.Error):
+            # The server is down or restarting: none of the pool's
+            # connections is on it now. Reconnect at the next sample.
+            if observer is not None:
+                await observer.close()
+            return None
+        assert row is not None
+        self.most = max(self.most, int(row[0]))
+        self.samples += 1
+        return observer
+
+
+@contextlib.asynccontextmanager
+async def watching(
+    server: PostgresServer, pool: pgsd.ConnectionPool, *, pace: float, max_samples: int
+) -> AsyncIterator[Watch]:
+    """Run a :class:`Watch` beside the block, every ``pace`` seconds, bounded in count."""
+    watch = Watch(server, pool, pace, max_samples)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch.run)
+        try:
+            yield watch
+        finally:
+            watch.stop()

@@ -11,9 +11,8 @@ reach a borrower any more.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import pytest
 
 import pgsd
 from pgsd.testing import PostgresServer
-from support import assert_invariants, db_config, invariants_hold, unique_name
+from support import assert_invariants, db_config, unique_name, watching
 
 pytestmark = pytest.mark.anyio
 
@@ -141,74 +140,6 @@ async def wait_for_exit(pids: set[int]) -> None:
     raise AssertionError(f"processes {sorted(pids)} outlived their postmaster")
 
 
-class Watch:
-    """Samples a pool until stopped: its server connections, and its statistics.
-
-    ``most`` is the largest number of server connections seen with the
-    pool's application_name (``pg_stat_activity``, through a connection of
-    its own that is reopened after a fault); ``broken`` holds every
-    statistics snapshot that breaks an invariant.
-    """
-
-    def __init__(self, server: PostgresServer, pool: pgsd.ConnectionPool) -> None:
-        self.server = server
-        self.pool = pool
-        self.most = 0
-        self.samples = 0
-        self.broken: list[pgsd.PoolStats] = []
-        self._stopped = anyio.Event()
-
-    def stop(self) -> None:
-        self._stopped.set()
-
-    async def run(self) -> None:
-        observer: pgsd.Connection | None = None
-        try:
-            for _ in range(MAX_SAMPLES):
-                if self._stopped.is_set():
-                    return
-                stats = self.pool.stats()
-                if not invariants_hold(stats):
-                    self.broken.append(stats)
-                observer = await self._sample(observer)
-                with anyio.move_on_after(SAMPLE_PACE):
-                    await self._stopped.wait()
-        finally:
-            if observer is not None:
-                await observer.close()
-
-    async def _sample(self, observer: pgsd.Connection | None) -> pgsd.Connection | None:
-        try:
-            if observer is None:
-                observer = await pgsd.connect(self.server.dsn(connect_timeout=1))
-            cur = await observer.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-                [self.pool.config.application_name],
-            )
-            row = await cur.fetchone()
-        except (pgsd.ConnectError, psycopg.Error):
-            # The server is down or restarting: none of the pool's
-            # connections is on it now. Reconnect at the next sample.
-            if observer is not None:
-                await observer.close()
-            return None
-        assert row is not None
-        self.most = max(self.most, int(row[0]))
-        self.samples += 1
-        return observer
-
-
-@contextlib.asynccontextmanager
-async def watching(server: PostgresServer, pool: pgsd.ConnectionPool) -> AsyncIterator[Watch]:
-    watch = Watch(server, pool)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(watch.run)
-        try:
-            yield watch
-        finally:
-            watch.stop()
-
-
 # -- borrowers --------------------------------------------------------------------
 
 
@@ -283,7 +214,7 @@ async def test_kill_9_of_the_postmaster_the_pool_goes_down_then_heals_to_min_siz
             on_down=lambda name, error: events.append(f"down {type(error).__name__}"),
             on_recovered=lambda name, error: events.append("recovered"),
         ) as pool,
-        watching(own_server, pool) as watch,
+        watching(own_server, pool, pace=SAMPLE_PACE, max_samples=MAX_SAMPLES) as watch,
     ):
         await pool.wait_ready()
         old = await run_borrowers(pool, tasks=4, rounds=10)
@@ -402,7 +333,7 @@ async def test_clean_restart_while_borrowers_run_no_error_once_the_pool_has_heal
         pgsd.ConnectionPool(
             config, options, on_recovered=lambda name, error: recovered.set()
         ) as pool,
-        watching(own_server, pool) as watch,
+        watching(own_server, pool, pace=SAMPLE_PACE, max_samples=MAX_SAMPLES) as watch,
     ):
         await pool.wait_ready()
         run = RestartRun(pool, after_heal)
@@ -454,7 +385,7 @@ async def test_terminated_busy_connections_fail_their_borrowers_and_are_replaced
 
     async with (
         pgsd.ConnectionPool(config, options) as pool,
-        watching(pg_server, pool) as watch,
+        watching(pg_server, pool, pace=SAMPLE_PACE, max_samples=MAX_SAMPLES) as watch,
     ):
         await pool.wait_ready()
         with anyio.fail_after(30):
@@ -488,7 +419,7 @@ async def test_terminated_idle_connections_are_invisible_to_the_next_borrowers(
     options = pgsd.PoolConfig(min_size=3, max_size=3)
     async with (
         pgsd.ConnectionPool(config, options) as pool,
-        watching(pg_server, pool) as watch,
+        watching(pg_server, pool, pace=SAMPLE_PACE, max_samples=MAX_SAMPLES) as watch,
     ):
         await pool.wait_ready()
         idle = await backend_pids(pg_server, config.application_name)
@@ -567,7 +498,7 @@ async def test_idle_session_timeout_expiries_are_invisible_to_the_next_borrowers
     options = pgsd.PoolConfig(min_size=0, max_size=3, ping_after_idle=ping_after_idle)
     async with (
         pgsd.ConnectionPool(config, options) as pool,
-        watching(pg_server, pool) as watch,
+        watching(pg_server, pool, pace=SAMPLE_PACE, max_samples=MAX_SAMPLES) as watch,
     ):
         async with pool.connection() as conn:
             cur = await conn.execute("SHOW idle_session_timeout")

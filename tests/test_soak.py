@@ -13,12 +13,10 @@ runs a million cycles on each backend and prints the figures (``-s``).
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import random
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import pytest
 
 import pgsd
 from pgsd.testing import PostgresServer
-from support import invariants_hold, server_connections
+from support import invariants_hold, server_connections, watching
 
 CYCLES = int(os.environ.get("PGSD_SOAK_CYCLES", "20000"))
 SECONDS = float(os.environ.get("PGSD_SOAK_SECONDS", "60"))
@@ -72,49 +70,6 @@ async def wait_until_gone(server: PostgresServer, application_name: str) -> None
             return
         await anyio.sleep(POLL_PACE)
     raise AssertionError(f"server connections of {application_name} did not go away")
-
-
-class Watch:
-    """Samples, until stopped, the pool's connections on the server and its invariants."""
-
-    def __init__(self, server: PostgresServer, pool: pgsd.ConnectionPool) -> None:
-        self.server = server
-        self.pool = pool
-        self.most = 0
-        self.samples = 0
-        self.broken: list[pgsd.PoolStats] = []
-        self.stopped = anyio.Event()
-
-    async def run(self) -> None:
-        async with await pgsd.connect(self.server.dsn()) as observer:
-            # Bounded by the run's own time cap, at one sample per pace.
-            for _ in range(int((SECONDS + 60) / SAMPLE_PACE)):
-                stats = self.pool.stats()
-                if not invariants_hold(stats):
-                    self.broken.append(stats)
-                cur = await observer.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-                    [self.pool.config.application_name],
-                )
-                row = await cur.fetchone()
-                assert row is not None
-                self.most = max(self.most, int(row[0]))
-                self.samples += 1
-                with anyio.move_on_after(SAMPLE_PACE):
-                    await self.stopped.wait()
-                if self.stopped.is_set():
-                    return
-
-
-@contextlib.asynccontextmanager
-async def watching(server: PostgresServer, pool: pgsd.ConnectionPool) -> AsyncIterator[Watch]:
-    watch = Watch(server, pool)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(watch.run)
-        try:
-            yield watch
-        finally:
-            watch.stopped.set()
 
 
 @dataclass
@@ -210,7 +165,9 @@ async def test_soak_of_acquire_release_cycles_leaks_nothing(
         await pool.wait_ready()
         soak = Soak(pool)
         deadline = time.monotonic() + SECONDS
-        async with watching(pg_server, pool) as watch:
+        async with watching(
+            pg_server, pool, pace=SAMPLE_PACE, max_samples=int((SECONDS + 60) / SAMPLE_PACE)
+        ) as watch:
             await soak.run(warm_up, deadline)
             gc.collect()
             rss_start, start, warmed = rss_bytes(), time.monotonic(), soak.tally.cycles
