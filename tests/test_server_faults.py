@@ -191,6 +191,15 @@ async def borrow_expecting_timeouts(
     return outcomes
 
 
+async def wait_until_no_connection_is_opening(pool: pgsd.ConnectionPool) -> None:
+    """Connections the borrowers asked for may still be opening: let them finish (bounded)."""
+    for _ in range(POLLS):
+        if pool.stats().opening == 0:
+            return
+        await anyio.sleep(POLL_PACE)
+    raise AssertionError(f"connections still opening: {pool.stats()}")
+
+
 def pool_log_lines(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "pgsd.pool" and text in r.getMessage()]
 
@@ -218,9 +227,13 @@ async def test_kill_9_of_the_postmaster_the_pool_goes_down_then_heals_to_min_siz
     ):
         await pool.wait_ready()
         old = await run_borrowers(pool, tasks=4, rounds=10)
+        await wait_until_no_connection_is_opening(pool)
         before = pool.stats()
         assert before.size >= 2
 
+        # Every pool backend exists now, so the snapshot holds them all: a
+        # backend forked later would not be waited for below, and could still
+        # answer a borrower before noticing that its postmaster is gone.
         children = postmaster_children(own_server)
         own_server.kill()
         await wait_for_exit(children)
