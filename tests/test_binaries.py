@@ -291,3 +291,13 @@ def test_the_server_is_the_major_asked_for(pg_server: PostgresServer) -> None:
     assert pg_server.major == major
     # Found again without installing: from the system or from the cache.
     assert find_binaries(major, install=False) == pg_server.binaries
+
+
+def test_a_setting_value_stays_one_quoted_value() -> None:
+    hostile = "it's \\ a 'name'; fsync = on"
+    with PostgresServer(settings={"cluster_name": hostile}) as server:
+        assert server.execute("SHOW cluster_name") == [(hostile,)]
+        assert server.execute("SHOW fsync") == [("off",)]
+    for settings in ({"cluster_name": "two\nlines"}, {"bad key": "x"}):
+        with pytest.raises(ValueError):
+            PostgresServer(settings=settings)

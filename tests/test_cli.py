@@ -145,6 +145,8 @@ def test_json_document_has_a_stable_schema(pg_server: PostgresServer, tmp_path: 
         "supported",
         "permissions",
         "tls",
+        "tls_version",
+        "tls_cipher",
         "host",
         "port",
         "missing",

@@ -179,7 +179,7 @@ async def test_verify_all_reports_every_database_in_config_order(
         assert report.permissions.is_superuser
         assert report.latency_ms is not None
         assert report.latency_ms > 0
-        assert report.tls is False
+        assert (report.tls, report.tls_version, report.tls_cipher) == (False, None, None)
         assert (report.host, report.port) == (pg_server.host, pg_server.port)
     down = reports["unreachable"]
     assert not down.ok
@@ -225,6 +225,8 @@ async def test_report_to_dict_is_json_ready(config: pgsd.ConnectorConfig) -> Non
         "supported",
         "permissions",
         "tls",
+        "tls_version",
+        "tls_cipher",
         "host",
         "port",
     }

@@ -22,6 +22,7 @@ ALL_ERRORS = [
     pgsd.DatabaseNotFound,
     pgsd.ConnectTimeout,
     pgsd.ServerUnavailable,
+    pgsd.TLSError,
     pgsd.TooManyConnections,
     pgsd.PoolTimeout,
     pgsd.PoolClosed,
@@ -34,6 +35,7 @@ CONNECT_KINDS = [
     pgsd.DatabaseNotFound,
     pgsd.ConnectTimeout,
     pgsd.ServerUnavailable,
+    pgsd.TLSError,
     pgsd.TooManyConnections,
 ]
 
@@ -157,6 +159,7 @@ def test_insufficient_privileges_without_a_user() -> None:
         pgsd.ConfigError("bad", path="pgsd.toml", key="pool.max_size"),
         pgsd.ConnectError("boom", database="source", host="db1", port=5432, sqlstate="08006"),
         pgsd.AuthenticationError("denied", database="source", host="db1", port="5432,5433"),
+        pgsd.TLSError("SSL error: certificate verify failed", database="source", host="db1"),
         pgsd.UnsupportedServerVersion(120000, minimum=140000, database="source"),
         pgsd.InsufficientPrivileges(["database:CONNECT"], user="app"),
         pgsd.PoolTimeout("no connection within 30 s"),
@@ -319,6 +322,137 @@ def test_with_several_hosts_the_first_line_decides() -> None:
     err = classify(operational(message), host="10.0.0.1,10.0.0.2", port="5432,5433")
     assert type(err) is pgsd.ServerUnavailable
     assert "10.0.0.1:5432, 10.0.0.2:5433" in str(err)
+
+
+def tls_failed(detail: str) -> str:
+    """A TLS failure as psycopg reports it from libpq 18 (the texts of real runs)."""
+    return f'connection failed: connection to server at "127.0.0.1", port 5432 failed: {detail}'
+
+
+@pytest.mark.parametrize(
+    ("detail", "advice"),
+    [
+        (
+            "SSL error: certificate verify failed",
+            "the server's certificate could not be verified: set sslrootcert to the CA"
+            " certificate that signed it",
+        ),
+        (
+            'server certificate for "localhost" (and 1 other name) does not match host name'
+            ' "127.0.0.1"',
+            "the server's certificate does not name the host connected to",
+        ),
+        (
+            'server certificate for "db1.internal" does not match host name "db2.internal"',
+            "the server's certificate does not name the host connected to",
+        ),
+        (
+            "server does not support SSL, but SSL was required",
+            "sslmode requires TLS but the server does not offer it",
+        ),
+        (
+            'root certificate file "/root/.postgresql/root.crt" does not exist\nEither provide'
+            " the file, use the system's trusted roots with sslrootcert=system, or change"
+            " sslmode to disable server certificate verification.",
+            "sslmode verify-ca and verify-full need sslrootcert",
+        ),
+        (
+            "FATAL:  connection requires a valid client certificate",
+            "the server refused the client certificate",
+        ),
+        (
+            'FATAL:  certificate authentication failed for user "app"',
+            "the server refused the client certificate",
+        ),
+        ("SSL error: tlsv1 alert unknown ca", "the server refused the client certificate"),
+        (
+            'FATAL:  pg_hba.conf rejects connection for host "127.0.0.1", user "app",'
+            ' database "postgres", no encryption',
+            "the server accepts this connection only over TLS",
+        ),
+        (
+            'certificate present, but not private key file "/etc/pgsd/client.key"',
+            "the client certificate or its key cannot be used",
+        ),
+        (
+            'could not load private key file "/etc/pgsd/client.key": key values mismatch',
+            "the client certificate or its key cannot be used",
+        ),
+        (
+            'private key file "/etc/pgsd/client.key" has group or world access; file must have'
+            " permissions u=rw (0600) or less if owned by the current user, or permissions"
+            " u=rw,g=r (0640) or less if owned by root",
+            "the client certificate or its key cannot be used",
+        ),
+        (
+            'could not read certificate file "/etc/pgsd/client.crt": no start line',
+            "the client certificate or its key cannot be used",
+        ),
+    ],
+)
+def test_tls_failures_say_why_and_what_to_change(detail: str, advice: str) -> None:
+    err = classify(operational(tls_failed(detail)))
+    assert type(err) is pgsd.TLSError
+    assert isinstance(err, pgsd.ConnectError)
+    message = str(err)
+    assert detail.split("\n", 1)[0] in message
+    assert advice in message
+    assert "Either provide the file" not in message  # the first line only
+
+
+def test_a_tls_failure_without_a_known_cause_gets_the_general_tls_hint() -> None:
+    err = pgsd.TLSError("something about TLS", database="source", host="db1", port=5432)
+    assert str(err).endswith(
+        "; check sslmode, sslrootcert (the CA certificate that signed the server's"
+        " certificate), that the host name is one the server's certificate names,"
+        " and sslcert/sslkey"
+    )
+
+
+@pytest.mark.parametrize(
+    "detail",
+    [
+        # The server went away during the handshake: an outage, not a TLS mistake.
+        "SSL error: unexpected eof while reading",
+        "SSL SYSCALL error: EOF detected",
+        "server closed the connection unexpectedly\n\tThis probably means the server"
+        " terminated abnormally\n\tbefore or while processing the request.",
+    ],
+)
+def test_a_connection_lost_during_the_handshake_is_not_a_tls_error(detail: str) -> None:
+    assert type(classify(operational(tls_failed(detail)))) is pgsd.ServerUnavailable
+
+
+def test_a_refused_client_certificate_is_not_a_password_problem() -> None:
+    err = classify(
+        operational(tls_failed('FATAL:  certificate authentication failed for user "app"'))
+    )
+    assert type(err) is pgsd.TLSError
+    assert "password" not in str(err)
+
+
+def test_a_pg_hba_reject_line_for_unencrypted_connections_only_asks_for_tls() -> None:
+    plain = (
+        'FATAL:  pg_hba.conf rejects connection for host "127.0.0.1", user "app", database "app"'
+    )
+    assert type(classify(operational(tls_failed(plain)))) is pgsd.AuthenticationError
+    err = classify(operational(tls_failed(plain + ", no encryption")))
+    assert type(err) is pgsd.TLSError
+
+
+def test_with_sslmode_prefer_the_attempt_with_tls_decides() -> None:
+    # libpq retries without TLS and reports both attempts, the TLS one first.
+    message = "\n".join(
+        [
+            tls_failed("FATAL:  connection requires a valid client certificate"),
+            'connection to server at "127.0.0.1", port 5432 failed: FATAL:  pg_hba.conf'
+            ' rejects connection for host "127.0.0.1", user "app", database "app",'
+            " no encryption",
+        ]
+    )
+    err = classify(operational(message))
+    assert type(err) is pgsd.TLSError
+    assert "the server refused the client certificate" in str(err)
 
 
 def test_later_lines_classify_when_the_first_does_not() -> None:

@@ -19,6 +19,7 @@ from ._errors import PgsdError as PgsdError
 from ._errors import PoolClosed as PoolClosed
 from ._errors import PoolTimeout as PoolTimeout
 from ._errors import ServerUnavailable as ServerUnavailable
+from ._errors import TLSError as TLSError
 from ._errors import TooManyConnections as TooManyConnections
 from ._errors import TooManyWaiters as TooManyWaiters
 from ._errors import UnsupportedServerVersion as UnsupportedServerVersion
@@ -60,6 +61,7 @@ __all__ = [
     "RoleAttributes",
     "ServerUnavailable",
     "ServerVersion",
+    "TLSError",
     "TooManyConnections",
     "TooManyWaiters",
     "UnsupportedServerVersion",

@@ -198,11 +198,20 @@ def _row(check: DatabaseCheck) -> list[str]:
         f"{report.host}:{report.port}" if report.host else "-",
         version,
         f"{report.latency_ms:.1f} ms" if report.latency_ms is not None else "-",
-        "-" if report.tls is None else ("yes" if report.tls else "no"),
+        _tls_cell(report),
         permissions.user if permissions is not None else "-",
         privileges,
         burst,
     ]
+
+
+def _tls_cell(report: ConnectionReport) -> str:
+    """The protocol of an encrypted connection ("TLSv1.3"), "no" without TLS, "-" unknown."""
+    if report.tls is None:
+        return "-"
+    if not report.tls:
+        return "no"
+    return report.tls_version or "yes"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,6 +22,7 @@ __all__ = [
     "PoolClosed",
     "PoolTimeout",
     "ServerUnavailable",
+    "TLSError",
     "TooManyConnections",
     "TooManyWaiters",
     "UnsupportedServerVersion",
@@ -203,6 +204,25 @@ class ServerUnavailable(ConnectError):
         return f"check that the server is running and accepts {kind} {self.address}"
 
 
+class TLSError(ConnectError):
+    """TLS could not be set up as configured: a certificate, key or ``sslmode`` problem."""
+
+    __module__ = "pgsd"
+    hint = (
+        "check sslmode, sslrootcert (the CA certificate that signed the server's"
+        " certificate), that the host name is one the server's certificate names,"
+        " and sslcert/sslkey"
+    )
+
+    def _hint(self) -> str:
+        # What went wrong, said plainly, and what to change; libpq's own
+        # words are in the detail before it.
+        for pattern, advice in _TLS_FAILURES:
+            if pattern.search(self.detail):
+                return advice
+        return self.hint
+
+
 class TooManyConnections(ConnectError):
     """The server refused the connection because all its slots are taken."""
 
@@ -289,12 +309,78 @@ _BY_SQLSTATE: dict[str, type[ConnectError]] = {
     "57P03": ServerUnavailable,  # cannot_connect_now
 }
 
-# Checked in order: a refused login can mention "could not connect" too.
+# TLS failures as libpq words them, each with what it means and what to do.
+# They are configuration mistakes, not outages. A connection lost during the
+# handshake ("SSL error: unexpected eof while reading") is not among them.
+_TLS_FAILURES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (
+        re.compile(
+            r"server (?:certificate for|common name) \".*\"(?: \(and \d+ other names?\))?"
+            r" does not match host name"
+            r"|could not get server's host name from server certificate"
+        ),
+        "the server's certificate does not name the host connected to: connect with a"
+        " host name the certificate lists, or have the certificate reissued for this name",
+    ),
+    (
+        re.compile(r"certificate verify failed"),
+        "the server's certificate could not be verified: set sslrootcert to the CA"
+        " certificate that signed it, and check that it has not expired",
+    ),
+    (
+        re.compile(
+            r"root certificate file \".*\" does not exist|could not read root certificate file"
+        ),
+        "sslmode verify-ca and verify-full need sslrootcert: the CA certificate that"
+        " signed the server's certificate",
+    ),
+    (
+        re.compile(
+            r"server does not support SSL, but SSL was required"
+            r"|SSL support is not compiled in"
+        ),
+        "sslmode requires TLS but the server does not offer it: turn ssl on in the"
+        " server's configuration, or connect with sslmode prefer or disable",
+    ),
+    (
+        # A hostnossl ... reject line: this role may only connect over TLS.
+        re.compile(r"pg_hba\.conf rejects connection .*, no encryption"),
+        "the server accepts this connection only over TLS: connect with sslmode"
+        " require, verify-ca or verify-full",
+    ),
+    (
+        re.compile(
+            r"connection requires a valid client certificate"
+            r"|certificate authentication failed for user"
+            r"|certificate validation \(clientcert=verify-full\) failed"
+            r"|SSL error: \S+ alert (?:unknown ca|bad certificate|unsupported certificate"
+            r"|certificate (?:required|expired|revoked|unknown))"
+        ),
+        "the server refused the client certificate: set sslcert and sslkey to a"
+        " certificate signed by a CA in the server's ssl_ca_file, whose common name is"
+        " the user name",
+    ),
+    (
+        re.compile(
+            r"certificate present, but not private key file"
+            r"|private key file \".*\" (?:has group or world access|is not a regular file)"
+            r"|could not (?:open|read|load|access) (?:certificate|private key) file"
+        ),
+        "the client certificate or its key cannot be used: check the files sslcert and"
+        " sslkey name, that they belong together, and that the key is mode 0600",
+    ),
+)
+_TLS_FAILURE = re.compile("|".join(f"(?:{pattern.pattern})" for pattern, _ in _TLS_FAILURES))
+
+# Checked in order: a refused login can mention "could not connect" too, and
+# a refused client certificate "authentication failed".
 _BY_MESSAGE: tuple[tuple[re.Pattern[str], type[ConnectError]], ...] = (
+    (_TLS_FAILURE, TLSError),
     (
         re.compile(
             r"password authentication failed|no password supplied|SCRAM"
-            r"|authentication failed|no pg_hba\.conf entry|role \".*\" does not exist",
+            r"|authentication failed|no pg_hba\.conf entry|pg_hba\.conf rejects connection"
+            r"|role \".*\" does not exist",
         ),
         AuthenticationError,
     ),
@@ -312,6 +398,7 @@ _BY_MESSAGE: tuple[tuple[re.Pattern[str], type[ConnectError]], ...] = (
             r"Connection refused|could not connect|No such file or directory"
             r"|could not translate host name|failed to resolve host"
             r"|server closed the connection unexpectedly|Connection reset"
+            r"|SSL SYSCALL error|unexpected eof while reading"
             r"|Network is unreachable|No route to host"
             r"|the database system is (?:starting up|shutting down|in recovery mode)",
             re.IGNORECASE,

@@ -40,6 +40,7 @@ from ._errors import (
     PoolClosed,
     PoolTimeout,
     ServerUnavailable,
+    TLSError,
     TooManyWaiters,
     UnsupportedServerVersion,
     redact,
@@ -312,6 +313,9 @@ class ConnectionPool:
             PoolClosed: the pool is closed, or closed while waiting.
             UnsupportedServerVersion: the server is older than
                 ``min_server_version``.
+            AuthenticationError, DatabaseNotFound, TLSError: the pool has
+                never connected and its attempts fail in a way waiting cannot
+                cure (a mistake in the configuration).
         """
         return _Lease(self, timeout)
 
@@ -322,9 +326,9 @@ class ConnectionPool:
             PoolTimeout: not ready within ``timeout`` (default
                 ``acquire_timeout``); the message gives the last error.
             PoolClosed: the pool is closed.
-            AuthenticationError, DatabaseNotFound, UnsupportedServerVersion:
-                the first connection attempts failed in a way waiting cannot
-                cure.
+            AuthenticationError, DatabaseNotFound, TLSError,
+                UnsupportedServerVersion: the first connection attempts
+                failed in a way waiting cannot cure.
         """
         limit = self._acquire_timeout if timeout is None else timeout
         with anyio.move_on_after(limit):
@@ -484,17 +488,20 @@ class ConnectionPool:
         """An error no wait is likely to cure, while the pool has no connection.
 
         A server older than the minimum; and, before the pool has ever
-        connected, a wrong password or a missing database: a mistake in the
-        configuration should be seen at once, not after ``acquire_timeout``.
-        Once the pool has been up, these count as passing (a password being
-        rotated, a database being restored) and callers wait.
+        connected, a wrong password, a missing database or a TLS
+        misconfiguration: a mistake in the configuration should be seen at
+        once, not after ``acquire_timeout``. Once the pool has been up, these
+        count as passing (a password being rotated, a database being
+        restored, a certificate being renewed) and callers wait.
         """
         error = self._last_error
         if error is None or self._entries:
             return None
         if isinstance(error, UnsupportedServerVersion):
             return error
-        if not self._ever_up and isinstance(error, (AuthenticationError, DatabaseNotFound)):
+        if not self._ever_up and isinstance(
+            error, (AuthenticationError, DatabaseNotFound, TLSError)
+        ):
             return error
         return None
 

@@ -4,15 +4,27 @@
 `ConnectionReport`; it turns every way a database can be down, refuse the
 role or misbehave into the report's ``error``, and raises only for
 cancellation.
+
+The TLS protocol and cipher come from libpq's ``PQsslAttribute``, which
+psycopg does not wrap: it is called through ctypes in the very libpq psycopg
+loaded, found by psycopg's implementation and checked by its version. When
+that library cannot be found they are reported as unknown.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import importlib
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import anyio
 import psycopg
+from psycopg import pq
 
 from ._connection import Connection
 from ._errors import PgsdError, UnsupportedServerVersion, redact
@@ -54,6 +66,10 @@ class ConnectionReport:
             database's ``required`` list; None if not checked.
         tls: whether the connection is encrypted with TLS; None if no
             connection was obtained.
+        tls_version: the TLS protocol version, as libpq names it
+            (``"TLSv1.3"``); None without TLS or if unknown.
+        tls_cipher: the TLS cipher suite (``"TLS_AES_256_GCM_SHA384"``);
+            None without TLS or if unknown.
         host: the host (or socket directory) the connection went to, as
             libpq reports it; None if no connection was obtained.
         port: the port the connection went to; None if no connection was
@@ -68,6 +84,8 @@ class ConnectionReport:
     supported: bool | None = None
     permissions: PermissionReport | None = None
     tls: bool | None = None
+    tls_version: str | None = None
+    tls_cipher: str | None = None
     host: str | None = None
     port: int | None = None
 
@@ -88,6 +106,8 @@ class ConnectionReport:
             "supported": self.supported,
             "permissions": _permissions_dict(self.permissions),
             "tls": self.tls,
+            "tls_version": self.tls_version,
+            "tls_cipher": self.tls_cipher,
             "host": self.host,
             "port": self.port,
         }
@@ -145,6 +165,8 @@ class _Verification:
         self.supported: bool | None = None
         self.permissions: PermissionReport | None = None
         self.tls: bool | None = None
+        self.tls_version: str | None = None
+        self.tls_cipher: str | None = None
         self.host: str | None = None
         self.port: int | None = None
 
@@ -163,6 +185,9 @@ class _Verification:
         self.host = conn.info.host
         self.port = conn.info.port
         self.tls = bool(conn.pgconn.ssl_in_use)
+        if self.tls:
+            self.tls_version = _ssl_attribute(conn, "protocol")
+            self.tls_cipher = _ssl_attribute(conn, "cipher")
         self.step = "pinging"
         self.latency_ms = await conn.ping(self.timeout) * 1000.0
         self.step = "reading the server version"
@@ -208,9 +233,55 @@ class _Verification:
             supported=self.supported,
             permissions=self.permissions,
             tls=self.tls,
+            tls_version=self.tls_version,
+            tls_cipher=self.tls_cipher,
             host=self.host,
             port=self.port,
         )
+
+
+def _ssl_attribute(conn: Connection[Any], name: str) -> str | None:
+    """libpq's ``PQsslAttribute`` of a connection: ``protocol``, ``cipher``...; None if unknown."""
+    function = _libpq_ssl_attribute()
+    pointer = getattr(conn.pgconn, "pgconn_ptr", None)
+    if function is None or pointer is None:
+        return None
+    value = function(pointer, name.encode())
+    return value.decode() if isinstance(value, bytes) else None
+
+
+@functools.cache
+def _libpq_ssl_attribute() -> Callable[[int, bytes], bytes | None] | None:
+    """``PQsslAttribute`` from the libpq psycopg uses, or None when it cannot be found.
+
+    Only a library of the very version psycopg reports is used: a function
+    of another libpq build given this PGconn would read garbage.
+    """
+    for candidate in _libpq_candidates():
+        try:
+            library = ctypes.CDLL(candidate)
+            if library.PQlibVersion() != pq.version():
+                continue
+            function = library.PQsslAttribute
+        except (OSError, AttributeError):
+            continue
+        function.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        function.restype = ctypes.c_char_p
+        return function
+    return None
+
+
+def _libpq_candidates() -> Iterator[str]:
+    """Where the libpq psycopg loaded is; opening it again gives the loaded library."""
+    if pq.__impl__ == "binary":
+        # The wheel bundles its own libpq next to the extension.
+        package = Path(importlib.import_module("psycopg_binary").__file__ or "").parent
+        for folder in (package.parent / "psycopg_binary.libs", package / ".dylibs"):
+            yield from sorted(str(path) for path in folder.glob("libpq*"))
+    elif pq.__impl__ == "python":
+        yield importlib.import_module("psycopg.pq._pq_ctypes").pq._name
+    else:  # the C extension, linked against the system's libpq
+        yield "libpq.5.dylib" if sys.platform == "darwin" else "libpq.so.5"
 
 
 def _unsupported(exc: BaseException) -> UnsupportedServerVersion | None:

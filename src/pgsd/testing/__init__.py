@@ -8,7 +8,9 @@ exists, else ``nobody``).
 
 The superuser connects without a password over loopback; every other role
 authenticates with SCRAM, so wrong passwords fail the way they do in
-production.
+production. ``PostgresServer(tls=True)`` serves TLS too, with throwaway
+certificates (:class:`TLSFiles`, made with the ``cryptography`` package),
+and ``cert_users`` names roles that must log in with a client certificate.
 """
 
 from ._binaries import PostgresBinaries as PostgresBinaries
@@ -25,14 +27,18 @@ from ._replication import StandbyServer as StandbyServer
 from ._replication import promote as promote
 from ._replication import start_standby as start_standby
 from ._server import PostgresServer as PostgresServer
+from ._tls import ClientCertificate as ClientCertificate
+from ._tls import TLSFiles as TLSFiles
 
 __all__ = [
+    "ClientCertificate",
     "FaultProxy",
     "PgBouncer",
     "PostgresBinaries",
     "PostgresServer",
     "ServerNotFound",
     "StandbyServer",
+    "TLSFiles",
     "default_cache_dir",
     "find_binaries",
     "free_port",

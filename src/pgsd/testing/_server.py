@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
+import shutil
 import signal
 import subprocess
 from collections.abc import Sequence
@@ -16,6 +18,7 @@ from psycopg.conninfo import make_conninfo
 
 from ._binaries import PostgresBinaries, find_binaries
 from ._process import ServiceProcess, free_port
+from ._tls import TLSFiles
 
 __all__ = ["PostgresServer", "free_port"]
 
@@ -24,10 +27,19 @@ logger = logging.getLogger("pgsd.testing")
 _START_TIMEOUT = 60
 _HBA = """\
 local all all trust
-host all {superuser} 127.0.0.1/32 trust
+{cert_users}host all {superuser} 127.0.0.1/32 trust
 host all {superuser} ::1/128 trust
 host all all 127.0.0.1/32 scram-sha-256
 host all all ::1/128 scram-sha-256
+"""
+# Before the generic lines: these roles log in over TLS with a client
+# certificate, and are refused outright without TLS rather than falling
+# through to a password.
+_HBA_CERT = """\
+hostssl all "{user}" 127.0.0.1/32 cert
+hostssl all "{user}" ::1/128 cert
+hostnossl all "{user}" 127.0.0.1/32 reject
+hostnossl all "{user}" ::1/128 reject
 """
 # Durability off: these servers hold nothing worth keeping, and fsync on a
 # shared 2-core machine makes every test slower.
@@ -45,6 +57,16 @@ _SETTINGS = {
 }
 
 
+def _conf_value(key: str, value: object) -> str:
+    """A ``postgresql.conf`` value, quoted: a value cannot spill into another line."""
+    if not re.fullmatch(r"[a-z][a-z0-9_.]*", key):
+        raise ValueError(f"not a server setting name: {key!r}")
+    text = str(value)
+    if "\n" in text or "\r" in text or "\0" in text:
+        raise ValueError(f"the value of {key} must be one line")
+    return "'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
 class PostgresServer(ServiceProcess):
     """A PostgreSQL server in a temporary directory, listening on 127.0.0.1.
 
@@ -59,6 +81,20 @@ class PostgresServer(ServiceProcess):
         binaries: explicit binaries, overriding ``version``.
         settings: extra ``postgresql.conf`` settings.
         superuser: the name of the bootstrap superuser.
+        tls: serve TLS (``ssl = on``) with these certificates, or with
+            certificates made for the occasion when True (their
+            `TLSFiles` is :attr:`tls` once started: a server certificate
+            for ``localhost`` and 127.0.0.1 and one client certificate per
+            ``cert_users`` role). Connections without TLS keep working.
+        cert_users: roles that must log in over TLS with a client
+            certificate whose common name is the role (``hostssl ... cert``
+            in ``pg_hba.conf``; without TLS they are refused). The roles
+            themselves are not created.
+
+    Raises:
+        ValueError: ``cert_users`` without ``tls``, a role name that
+            ``pg_hba.conf`` cannot hold, or a setting that is not one line
+            under a setting's name.
     """
 
     _name = "postgres"
@@ -70,7 +106,14 @@ class PostgresServer(ServiceProcess):
         binaries: PostgresBinaries | None = None,
         settings: dict[str, str] | None = None,
         superuser: str = "postgres",
+        tls: TLSFiles | bool = False,
+        cert_users: Sequence[str] = (),
     ) -> None:
+        if cert_users and tls is False:
+            raise ValueError("cert_users needs a server with tls")
+        for user in cert_users:
+            if not user or any(char in user for char in '"\n\r'):
+                raise ValueError(f"role name {user!r} cannot be written in pg_hba.conf")
         if binaries is None:
             env_version = os.environ.get("PGSD_TEST_PG")
             if version is None and env_version:
@@ -80,7 +123,12 @@ class PostgresServer(ServiceProcess):
         self.binaries = binaries
         self.superuser = superuser
         self.settings = {**_SETTINGS, **(settings or {})}
+        for key, value in self.settings.items():
+            _conf_value(key, value)  # fail now, not after initdb
         self._passwords: dict[str, str] = {}
+        self.cert_users = tuple(cert_users)
+        self._tls_wanted = tls
+        self._tls: TLSFiles | None = None
 
     def __repr__(self) -> str:
         state = f"port={self.port}" if self.running else "stopped"
@@ -92,6 +140,11 @@ class PostgresServer(ServiceProcess):
     def major(self) -> int:
         """The server's major version."""
         return self.binaries.major
+
+    @property
+    def tls(self) -> TLSFiles | None:
+        """The certificates the server uses, once started with ``tls``; else None."""
+        return self._tls
 
     @property
     def datadir(self) -> Path:
@@ -113,6 +166,7 @@ class PostgresServer(ServiceProcess):
             base = self._make_base("pgsd-pg-")
             (base / "socket").mkdir()
             self._chown(base / "socket")
+            self._install_tls(base)
             self._initdb()
         if not self.port:
             self.port = free_port(self.host)
@@ -188,7 +242,11 @@ class PostgresServer(ServiceProcess):
     def create_role(
         self, name: str, *, password: str | None = None, login: bool = True, options: str = ""
     ) -> str:
-        """Create a role that logs in with a password; return the password."""
+        """Create a role that logs in with a password; return the password.
+
+        ``options`` is trusted SQL appended to ``CREATE ROLE`` (``"CREATEDB"``,
+        ``"CONNECTION LIMIT 1"``): never pass it text from outside the test.
+        """
         password = password or secrets.token_urlsafe(12)
         login_kw = "LOGIN" if login else "NOLOGIN"
         with psycopg.connect(self.dsn(), autocommit=True) as conn:
@@ -231,13 +289,44 @@ class PostgresServer(ServiceProcess):
             "--locale=C",
             "--no-sync",
         )
-        hba = _HBA.format(superuser=self.superuser)
+        cert_users = "".join(_HBA_CERT.format(user=user) for user in self.cert_users)
+        hba = _HBA.format(superuser=self.superuser, cert_users=cert_users)
         (self.datadir / "pg_hba.conf").write_text(hba)
         with (self.datadir / "postgresql.conf").open("a") as conf:
-            for key, value in self.settings.items():
-                conf.write(f"{key} = '{value}'\n")
             assert self._base is not None
-            conf.write(f"unix_socket_directories = '{self._base / 'socket'}'\n")
+            settings = {**self.settings, "unix_socket_directories": str(self._base / "socket")}
+            for key, value in settings.items():
+                conf.write(f"{key} = {_conf_value(key, value)}\n")
+
+    def _install_tls(self, base: Path) -> None:
+        """Give the server its own copies of its certificate, key and CA, owned by its OS user.
+
+        PostgreSQL refuses a key that others may read, and the server's OS
+        user may not be able to enter the directory the files came from.
+        """
+        if self._tls_wanted is False:
+            return
+        if isinstance(self._tls_wanted, TLSFiles):
+            files = self._tls_wanted
+        else:
+            files = TLSFiles.generate(base / "tls", client_users=self.cert_users)
+        own = base / "server-tls"
+        own.mkdir(mode=0o700)
+        self._chown(own)
+        settings = {"ssl": "on"}
+        for setting, source, name, mode in (
+            ("ssl_cert_file", files.server_cert, "server.crt", 0o644),
+            ("ssl_key_file", files.server_key, "server.key", 0o600),
+            ("ssl_ca_file", files.ca_cert, "ca.crt", 0o644),
+        ):
+            target = own / name
+            shutil.copyfile(source, target)
+            target.chmod(mode)
+            self._chown(target)
+            settings[setting] = str(target)
+        # Explicit settings win, so a test can still change any of these.
+        self.settings = {**settings, **self.settings}
+        self._tls = files
 
     def _run(self, *cmd: str) -> None:
         proc = subprocess.run(
