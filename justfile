@@ -42,11 +42,14 @@ test-matrix *majors="13 14 15 16 17 18": setup
     echo "test-matrix: $passed passed, $failed failed"
     exit $status
 
-# ruff (lint and format) and mypy --strict
+# ruff (lint, format), flake8-async's anyio and trio rules, mypy --strict on src and on the API's typing test
 lint: setup
     {{python}} -m ruff check src tests benchmarks loadtest
     {{python}} -m ruff format --check src tests benchmarks loadtest
+    git ls-files -z --cached --others --exclude-standard '*.py' | xargs -0 {{python}} -m flake8_async --anyio \
+        --startable-in-context-manager=_run_pool,_watch_signals,request
     {{python}} -m mypy
+    {{python}} -m mypy --strict tests/typing
 
 # format the code
 fmt: setup

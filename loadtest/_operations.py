@@ -119,7 +119,8 @@ class _Borrow:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        return await self._lease.__aexit__(exc_type, exc, tb)
+        # The pool's return is shielded and bounded by cancel_grace.
+        return await self._lease.__aexit__(exc_type, exc, tb)  # noqa: ASYNC102
 
 
 _Load = Callable[[dict[str, Any], _Outcome], Awaitable[None]]

@@ -369,8 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         target = resolve_target(args)
         anyio.run(serve, args, target, announce, backend=args.backend)
-    except BaseException as exc:
-        return _exit_status(exc, announce)
+    except BaseException as exc:  # noqa: ASYNC103, ASYNC104 (outside the event loop)
+        return _exit_status(exc, announce)  # noqa: ASYNC104 (outside the event loop)
     finally:
         # A second SIGTERM must not cut the removal of the server short.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import anyio
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 import pgsd
 from pgsd.testing import PostgresServer, free_port
@@ -41,12 +42,9 @@ async def test_connect_accepts_database_config(pg_server: PostgresServer) -> Non
     config = pgsd.DatabaseConfig(
         host=pg_server.host, port=pg_server.port, dbname="postgres", user=pg_server.superuser
     )
-    conn = await pgsd.connect(config)
-    try:
+    async with await pgsd.connect(config) as conn:
         cur = await conn.execute("SELECT current_setting('application_name')")
         assert await cur.fetchone() == ("pgsd",)
-    finally:
-        await conn.close()
     assert conn.closed
 
 
@@ -280,12 +278,9 @@ async def test_unknown_database_is_database_not_found(pg_server: PostgresServer)
 async def test_connection_limit_is_too_many_connections(pg_server: PostgresServer) -> None:
     pg_server.create_role("limited_user", options="CONNECTION LIMIT 1")
     try:
-        first = await pgsd.connect(pg_server.dsn(user="limited_user"))
-        try:
+        async with await pgsd.connect(pg_server.dsn(user="limited_user")):
             with pytest.raises(pgsd.TooManyConnections):
                 await pgsd.connect(pg_server.dsn(user="limited_user"))
-        finally:
-            await first.close()
     finally:
         pg_server.execute("DROP ROLE limited_user")
 
@@ -296,11 +291,8 @@ async def test_multi_host_conninfo_skips_a_dead_host(pg_server: PostgresServer) 
         f"host=127.0.0.1,{pg_server.host} port={dead},{pg_server.port} "
         f"dbname=postgres user={pg_server.superuser} target_session_attrs=read-write"
     )
-    conn = await pgsd.connect(dsn)
-    try:
+    async with await pgsd.connect(dsn) as conn:
         assert conn.info.port == pg_server.port
-    finally:
-        await conn.close()
 
 
 async def test_multi_host_failure_lists_every_attempt() -> None:
@@ -314,11 +306,8 @@ async def test_multi_host_failure_lists_every_attempt() -> None:
 
 
 async def test_host_name_is_resolved_without_blocking(pg_server: PostgresServer) -> None:
-    conn = await pgsd.connect(pg_server.dsn().replace("127.0.0.1", "localhost"))
-    try:
+    async with await pgsd.connect(pg_server.dsn().replace("127.0.0.1", "localhost")) as conn:
         assert conn.info.hostaddr in ("127.0.0.1", "::1")
-    finally:
-        await conn.close()
 
 
 async def test_secrets_absent_from_repr_logs_and_errors(
@@ -329,11 +318,9 @@ async def test_secrets_absent_from_repr_logs_and_errors(
     config = pgsd.DatabaseConfig.from_dsn(pg_server.dsn(password=secret), connect_timeout=5)
     assert secret not in repr(config)
     assert secret not in str(config)
-    conn = await pgsd.connect(config)  # the superuser is trusted: any password works
-    try:
+    # The superuser is trusted: any password works.
+    async with await pgsd.connect(config) as conn:
         assert secret not in repr(conn)
-    finally:
-        await conn.close()
     with pytest.raises(pgsd.ConnectError) as info:
         await pgsd.connect(f"postgresql://nobody_here:{secret}@127.0.0.1:{pg_server.port}/postgres")
     assert secret not in str(info.value)
@@ -370,11 +357,8 @@ def test_psycopg_internals_used_are_present() -> None:
 async def test_psycopg_connection_attributes_used_are_present(pg_server: PostgresServer) -> None:
     from pgsd._connection import PSYCOPG_CONNECTION_ATTRIBUTES
 
-    conn = await pgsd.connect(pg_server.dsn())
-    try:
+    async with await pgsd.connect(pg_server.dsn()) as conn:
         missing = [a for a in PSYCOPG_CONNECTION_ATTRIBUTES if a not in vars(conn)]
-    finally:
-        await conn.close()
     assert not missing, f"psycopg {psycopg.__version__} renamed connection attributes: {missing}"
 
 
@@ -403,17 +387,19 @@ async def test_a_connection_libpq_dropped_does_not_break_the_next_one(
     # libpq closes the socket itself when the server goes away; the socket
     # number is then reused by the next connection, which must still work.
     for _ in range(3):
-        doomed = await pgsd.connect(pg_server.dsn())
-        await doomed.execute("SELECT 1")
-        pg_server.execute("SELECT pg_terminate_backend(%s)", [doomed.info.backend_pid])
-        with pytest.raises(psycopg.OperationalError):
-            for _ in range(100):
-                await doomed.execute("SELECT 1")
-        fresh = await pgsd.connect(pg_server.dsn())
-        try:
-            with anyio.fail_after(5):
-                cur = await fresh.execute("SELECT 2")
-                assert await cur.fetchone() == (2,)
-        finally:
-            await fresh.close()
-            await doomed.close()
+        async with await pgsd.connect(pg_server.dsn()) as doomed:
+            await doomed.execute("SELECT 1")
+            pg_server.execute("SELECT pg_terminate_backend(%s)", [doomed.info.backend_pid])
+            with pytest.raises(psycopg.OperationalError):
+                for _ in range(100):
+                    await doomed.execute("SELECT 1")
+            async with await pgsd.connect(pg_server.dsn()) as fresh:
+                with anyio.fail_after(5):
+                    cur = await fresh.execute("SELECT 2")
+                    assert await cur.fetchone() == (2,)
+
+
+async def test_connect_takes_a_row_factory(pg_server: PostgresServer) -> None:
+    async with await pgsd.connect(pg_server.dsn(), row_factory=dict_row) as conn:
+        cur = await conn.execute("SELECT 1 AS one, 'two' AS two")
+        assert await cur.fetchone() == {"one": 1, "two": "two"}

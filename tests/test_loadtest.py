@@ -515,7 +515,7 @@ def test_server_processes_sharing_a_new_database_create_its_table_once(
     def start(process: ServerProcess) -> None:
         try:
             process.start()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: ASYNC103, ASYNC104 (a thread, not a task)
             errors.append(exc)
 
     threads = [threading.Thread(target=start, args=(p,)) for p in processes]

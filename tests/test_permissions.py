@@ -177,11 +177,8 @@ def noinherit_role(app_db: AppDatabase) -> Iterator[str]:
 
 @asynccontextmanager
 async def connected(app_db: AppDatabase, role: str) -> AsyncIterator[pgsd.Connection]:
-    conn = await pgsd.connect(app_db.server.dsn(dbname=app_db.name, user=role))
-    try:
+    async with await pgsd.connect(app_db.server.dsn(dbname=app_db.name, user=role)) as conn:
         yield conn
-    finally:
-        await conn.close()
 
 
 @pytest.mark.matrix

@@ -128,7 +128,7 @@ async def run_on_two_clients(config: pgsd.DatabaseConfig) -> None:
 # -- the PgBouncer helper ---------------------------------------------------------
 
 
-async def test_version_is_the_one_the_admin_console_reports(session_bouncer: PgBouncer) -> None:
+def test_version_is_the_one_the_admin_console_reports(session_bouncer: PgBouncer) -> None:
     rows = session_bouncer.admin("SHOW VERSION")
     assert rows == [{"version": f"PgBouncer {session_bouncer.version_text}"}]
     assert session_bouncer.version == PgBouncer.installed_version()

@@ -12,7 +12,6 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
-from anyio import wait_all_tasks_blocked
 
 import pgsd
 from pgsd.testing import PostgresServer, free_port
@@ -85,7 +84,7 @@ async def test_waiters_are_served_first_come_first_served(pg_server: PostgresSer
         async with anyio.create_task_group() as tg, pool.connection():
             for i in range(20):
                 tg.start_soon(waiter, i)
-                await wait_all_tasks_blocked()
+                await anyio.wait_all_tasks_blocked()
             assert pool.stats().waiting == 20
         assert order == list(range(20))
         assert_invariants(pool.stats())
@@ -159,7 +158,7 @@ async def test_one_more_waiter_than_max_waiting_is_refused_at_once(
         async with anyio.create_task_group() as tg, pool.connection():
             for _ in range(2):
                 tg.start_soon(_borrow_once, pool)
-            await wait_all_tasks_blocked()
+            await anyio.wait_all_tasks_blocked()
             with pytest.raises(pgsd.TooManyWaiters):
                 async with pool.connection():
                     pass
@@ -190,7 +189,7 @@ async def test_waiter_cancelled_at_the_moment_of_handover_strands_nothing(
 
                 async with pool.connection():
                     tg.start_soon(waiter)
-                    await wait_all_tasks_blocked()
+                    await anyio.wait_all_tasks_blocked()
                 # The connection was handed to the waiter on release, with no
                 # checkpoint in between: the waiter has not run yet.
                 scope.cancel()
@@ -470,7 +469,7 @@ async def test_close_fails_waiters_with_pool_closed(pg_server: PostgresServer) -
 
             async with pool.connection():
                 tg.start_soon(waiter)
-                await wait_all_tasks_blocked()
+                await anyio.wait_all_tasks_blocked()
                 await pool.close()
     assert len(errors) == 1
     with pytest.raises(pgsd.PoolClosed):
@@ -524,7 +523,7 @@ async def test_configure_hook_runs_on_each_new_connection(pg_server: PostgresSer
 
 
 async def test_failing_configure_hook_connection_is_never_lent(pg_server: PostgresServer) -> None:
-    async def configure(conn: pgsd.Connection) -> None:
+    async def configure(conn: pgsd.Connection) -> None:  # noqa: ASYNC124 (hooks are awaited)
         raise RuntimeError("configure failed on purpose")
 
     async with open_pool(db_config(pg_server), configure=configure, acquire_timeout=0.5) as pool:
@@ -549,7 +548,7 @@ async def test_configure_hook_leaving_a_transaction_open_is_refused(
 
 
 async def test_failing_reset_hook_gets_the_connection_discarded(pg_server: PostgresServer) -> None:
-    async def reset(conn: pgsd.Connection) -> None:
+    async def reset(conn: pgsd.Connection) -> None:  # noqa: ASYNC124 (hooks are awaited)
         raise RuntimeError("reset failed on purpose")
 
     async with open_pool(db_config(pg_server), reset=reset, max_size=1) as pool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -9,7 +10,13 @@ from psycopg.pq import TransactionStatus
 
 import pgsd
 from pgsd._errors import UnsupportedServerVersion
-from pgsd._version import MIN_SERVER_VERSION, ServerVersion, check_supported, parse_version_num
+from pgsd._version import (
+    MIN_SERVER_VERSION,
+    ServerVersion,
+    check_supported,
+    fetch_row,
+    parse_version_num,
+)
 from pgsd.testing import PostgresServer
 
 pytestmark = pytest.mark.anyio
@@ -161,3 +168,15 @@ async def test_get_version_without_autocommit_leaves_no_transaction(
     await conn.set_autocommit(False)
     await pgsd.get_version(conn)
     assert conn.info.transaction_status == TransactionStatus.IDLE
+
+
+async def test_a_cancelled_one_row_query_still_rolls_back_its_own_transaction(
+    conn: pgsd.Connection,
+) -> None:
+    await conn.set_autocommit(False)
+    with anyio.move_on_after(0.2) as scope:
+        await fetch_row(conn, "SELECT pg_sleep(30)")
+    assert scope.cancelled_caught
+    # The query was stopped on the server and the transaction it opened ended.
+    assert conn.info.transaction_status == TransactionStatus.IDLE
+    assert (await fetch_row(conn, "SELECT 1")) == (1,)

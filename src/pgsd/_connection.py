@@ -31,7 +31,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, overload
 
 import anyio
 import psycopg
@@ -41,7 +41,7 @@ from psycopg._capabilities import capabilities
 from psycopg._conninfo_utils import get_param, is_ip_address, split_attempts
 from psycopg.abc import PQGen, PQGenConn
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.rows import Row, TupleRow
+from psycopg.rows import AsyncRowFactory, Row, TupleRow
 from psycopg.waiting import Ready, Wait
 
 from ._backend import FdWaiter, current_backend
@@ -383,9 +383,9 @@ class Connection(psycopg.AsyncConnection[Row]):
         """
         try:
             if exc_type is None and not self.closed:
-                await self.commit()
+                await self.commit()  # noqa: ASYNC102 (the block succeeded: an ordinary commit)
         finally:
-            await self.close()
+            self._abort()
 
     @asynccontextmanager
     async def transaction(
@@ -442,7 +442,8 @@ class Connection(psycopg.AsyncConnection[Row]):
             elif self._settle_later and self.pgconn.transaction_status == _ACTIVE:
                 self._unsettled = (driver, waiter, fileno)
             else:
-                await self._settle_after_interrupt(driver, waiter, fileno)
+                # Shielded and bounded by cancel_grace inside.
+                await self._settle_after_interrupt(driver, waiter, fileno)  # noqa: ASYNC102
             raise
         except Exception:
             if self.pgconn.status == _BAD:
@@ -582,7 +583,8 @@ class _Transaction(psycopg.AsyncTransaction):
         exc_tb: TracebackType | None,
     ) -> bool:
         if exc_type is None:
-            return await super().__aexit__(exc_type, exc_val, exc_tb)
+            # The block succeeded: an ordinary commit, which a cancellation may interrupt.
+            return await super().__aexit__(exc_type, exc_val, exc_tb)  # noqa: ASYNC102
         conn = self._conn
         if conn.unsettled:
             return False  # its pool rolls back once the query is cancelled
@@ -610,28 +612,51 @@ def _combine(errors: list[tuple[e.Error, str]]) -> e.Error:
     return combined
 
 
+@overload
 async def connect(
     target: DatabaseConfig | str,
     *,
     autocommit: bool = True,
+    row_factory: AsyncRowFactory[Row],
     **kwargs: Any,
-) -> Connection[TupleRow]:
+) -> Connection[Row]: ...
+
+
+@overload
+async def connect(
+    target: DatabaseConfig | str,
+    *,
+    autocommit: bool = True,
+    row_factory: None = None,
+    **kwargs: Any,
+) -> Connection[TupleRow]: ...
+
+
+async def connect(
+    target: DatabaseConfig | str,
+    *,
+    autocommit: bool = True,
+    row_factory: AsyncRowFactory[Any] | None = None,
+    **kwargs: Any,
+) -> Connection[Any]:
     """Open one connection, with no pool, under asyncio or trio.
 
     Args:
         target: a :class:`DatabaseConfig`, or a DSN (URL or key=value).
         autocommit: connections start in autocommit mode, as pooled ones do;
             open a transaction with ``async with conn.transaction()``.
-        kwargs: passed to :meth:`Connection.connect` (``row_factory``,
-            ``prepare_threshold``, ...).
+        row_factory: how rows come back (psycopg's ``dict_row``...); the
+            connection's type follows it.
+        kwargs: passed to :meth:`Connection.connect` (``prepare_threshold``,
+            ``cursor_factory``, ...).
 
     Raises:
         pgsd.ConfigError: the DSN cannot be parsed.
         pgsd.ConnectError: the server could not be reached or refused the
             connection; the subclass says why (``AuthenticationError``,
             ``DatabaseNotFound``, ``ConnectTimeout``, ``ServerUnavailable``,
-            ``TooManyConnections``) and the psycopg error is the
-            ``__cause__``.
+            ``TooManyConnections``, ``TLSError``) and the psycopg error is
+            the ``__cause__``.
     """
     config = target if isinstance(target, DatabaseConfig) else DatabaseConfig.from_dsn(target)
     try:
@@ -639,6 +664,7 @@ async def connect(
         conn = await Connection.connect(
             config.conninfo(),
             autocommit=autocommit,
+            row_factory=row_factory,
             connect_timeout=config.connect_timeout,
             **kwargs,
         )

@@ -128,7 +128,8 @@ class _Lease:
     ) -> None:
         entry, self._entry = self._entry, None
         if entry is not None and (exc is not None or not self._pool._return_now(entry)):
-            await self._pool._release(entry, exc)
+            # The clean-up in _restore is shielded and bounded by cancel_grace.
+            await self._pool._release(entry, exc)  # noqa: ASYNC102
 
 
 class ConnectionPool:
@@ -234,7 +235,7 @@ class ConnectionPool:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        await self.close()  # noqa: ASYNC102 (shielded inside, bounded by close_timeout)
 
     async def open(self) -> None:
         """Start the maintenance tasks and begin filling to ``min_size``.
@@ -291,7 +292,8 @@ class ConnectionPool:
             tg, self._task_group = self._task_group, None
             if tg is not None:
                 tg.cancel_scope.cancel()
-                await tg.__aexit__(None, None, None)
+                # Its tasks are cancelled: they end at their next checkpoint.
+                await tg.__aexit__(None, None, None)  # noqa: ASYNC102
 
     def connection(self, timeout: float | None = None) -> _Lease:
         """Borrow a connection: ``async with pool.connection() as conn``.

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
@@ -22,6 +23,10 @@ __all__ = [
 
 #: The oldest server pgsd works with, as a ``server_version_num`` (13.0).
 MIN_SERVER_VERSION = 130000
+
+# How long fetch_row's own rollback may take on a connection with no
+# ``cancel_grace`` (psycopg's): the default of pgsd's connections.
+_ROLLBACK_GRACE = 2.0
 
 # The number scheme changed with PostgreSQL 10: 9.6.24 is 90624, 15.4 is 150004.
 _FIRST_TWO_PART_NUM = 100000
@@ -165,7 +170,11 @@ async def fetch_row(conn: AsyncConnection[Any], query: Any, params: Any = None) 
             row = await cursor.fetchone()
     finally:
         if opens_transaction:
-            await conn.rollback()
+            # Ours to end, also when the caller is cancelled: shielded, and
+            # bounded like any clean-up after a cancellation.
+            grace = getattr(conn, "cancel_grace", _ROLLBACK_GRACE)
+            with anyio.CancelScope(shield=True, deadline=anyio.current_time() + grace):
+                await conn.rollback()
     if row is None:
         raise RuntimeError("the query returned no row")
     return row

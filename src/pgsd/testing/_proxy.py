@@ -184,7 +184,7 @@ class FaultProxy:
         except BaseException:
             self._task_group = None
             tg.cancel_scope.cancel()
-            await tg.__aexit__(None, None, None)
+            await tg.__aexit__(None, None, None)  # noqa: ASYNC102 (its tasks are cancelled)
             raise
         return self
 
@@ -203,7 +203,7 @@ class FaultProxy:
             link.close()
         self._links.clear()
         tg.cancel_scope.cancel()
-        await tg.__aexit__(None, None, None)
+        await tg.__aexit__(None, None, None)  # noqa: ASYNC102 (its tasks are cancelled)
 
     # -- public API ----------------------------------------------------------
 
