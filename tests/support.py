@@ -1,11 +1,20 @@
-"""Helpers the pool tests share: unique names, invariants, counting server connections."""
+"""Helpers the tests share: unique names, invariants, counting server connections, leaks."""
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import gc
 import itertools
 import os
-from collections.abc import AsyncIterator
+import re
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import AsyncIterator, Set
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -103,7 +112,8 @@ class Watch:
                     await self._stopped.wait()
         finally:
             if observer is not None:
-                await observer.close()
+                with anyio.move_on_after(CLOSE_WAIT, shield=True):
+                    await observer.close()
 
     async def _sample(self, observer: pgsd.Connection | None) -> pgsd.Connection | None:
         try:
@@ -138,3 +148,165 @@ async def watching(
             yield watch
         finally:
             watch.stop()
+
+
+#: How long a leak check waits for backends to exit after their clients closed.
+#: Bound on a test's own clean-up await (closing a connection needs no I/O wait).
+CLOSE_WAIT = 5.0
+LEFTOVER_WAIT = 5.0
+#: The pace of that wait's polls of pg_stat_activity, and their bound in count.
+LEFTOVER_POLL_PACE = 0.002
+LEFTOVER_POLLS = 2500
+
+#: A backend, told apart from a later one with a reused pid by its start time.
+BackendKey = tuple[int, datetime.datetime]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One client backend in ``pg_stat_activity``."""
+
+    pid: int
+    backend_start: datetime.datetime
+    application_name: str
+    usename: str | None
+    datname: str | None
+    state: str | None
+    query: str | None
+
+    @property
+    def key(self) -> BackendKey:
+        return self.pid, self.backend_start
+
+    def __str__(self) -> str:
+        return (
+            f"pid {self.pid}: application_name={self.application_name!r}"
+            f" usename={self.usename!r} datname={self.datname!r}"
+            f" state={self.state!r} query={self.query!r}"
+        )
+
+
+class ServerBackends:
+    """A server's client backends, seen through a synchronous connection of its own.
+
+    :meth:`snapshot` before a test and :meth:`left_over` after it give the
+    connections the test opened and did not close. The observing connection
+    is opened on first use, reopened if something (a test terminating
+    backends) broke it, and never counted.
+    """
+
+    _QUERY = (
+        "SELECT pid, backend_start, application_name, usename, datname, state, query"
+        " FROM pg_stat_activity"
+        " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+    )
+
+    def __init__(self, server: PostgresServer, *, wait: float = LEFTOVER_WAIT) -> None:
+        self.server = server
+        self.wait = wait
+        self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def backends(self) -> list[Backend]:
+        """The server's client backends now, except the observing one."""
+        try:
+            return self._backends()
+        except psycopg.OperationalError:
+            self.close()
+            return self._backends()
+
+    def _backends(self) -> list[Backend]:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(
+                self.server.dsn(connect_timeout=5, application_name="pgsd_leak_check"),
+                autocommit=True,
+            )
+        return [Backend(*row) for row in self._conn.execute(self._QUERY)]
+
+    def snapshot(self) -> frozenset[BackendKey]:
+        """The backends there now, to leave out of a later :meth:`left_over`."""
+        return frozenset(backend.key for backend in self.backends())
+
+    def left_over(self, before: Set[BackendKey]) -> list[Backend]:
+        """The backends not in ``before`` that are still there after up to ``wait`` seconds.
+
+        A backend exits just after its client closes the socket: poll until
+        the new ones are gone or the deadline passes.
+        """
+        deadline = time.monotonic() + self.wait
+        new = self._new(before)
+        for _ in range(LEFTOVER_POLLS):
+            if not new or time.monotonic() >= deadline:
+                break
+            time.sleep(LEFTOVER_POLL_PACE)
+            new = self._new(before)
+        return new
+
+    def _new(self, before: Set[BackendKey]) -> list[Backend]:
+        return [backend for backend in self.backends() if backend.key not in before]
+
+
+def collect_garbage() -> list[str]:
+    """Run a full collection; return what finalizers warned or raised, as text.
+
+    A psycopg connection collected while still open warns (ResourceWarning)
+    from ``__del__``. Caught here, the warning or error is kept as text
+    only: a kept exception would hold the object, and its server connection,
+    open through its traceback.
+    """
+    problems: list[str] = []
+
+    def unraisable_hook(unraisable: sys.UnraisableHookArgs) -> None:
+        where = unraisable.err_msg or "Exception ignored in"
+        problems.append(f"{where} {unraisable.object!r}: {unraisable.exc_value!r}")
+
+    previous = sys.unraisablehook
+    sys.unraisablehook = unraisable_hook
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gc.collect()
+    finally:
+        sys.unraisablehook = previous
+    problems.extend(f"{w.category.__name__}: {w.message}" for w in caught)
+    return problems
+
+
+# -- the command line and the README --------------------------------------------------
+
+#: Bound on one ``pgsd`` command run by a test.
+CLI_TIMEOUT = 120
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without libpq variables or PGSD_CONFIG, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PGSD_"))}
+    env.update(extra)
+    return env
+
+
+def run_pgsd(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m pgsd ARGS`` in ``cwd``, its output captured (default env: `clean_env`)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pgsd", *args],
+        cwd=cwd,
+        env=env if env is not None else clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+
+
+def readme_config_example() -> str:
+    """The README's TOML example of a config file (the one with a per-database pool)."""
+    blocks = re.findall(r"```toml\n(.*?)```", README.read_text(), re.DOTALL)
+    [example] = [block for block in blocks if "[databases.target.pool]" in block]
+    return str(example)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -15,30 +14,10 @@ from pathlib import Path
 import pytest
 
 from pgsd.testing import PostgresServer, free_port
+from support import CLI_TIMEOUT, clean_env, run_pgsd
 
 BACKENDS = ["asyncio", "trio"]
-TIMEOUT = 120
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment without libpq variables or PGSD_CONFIG, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PGSD_"))}
-    env.update(extra)
-    return env
-
-
-def pgsd(
-    *args: str, cwd: Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pgsd", *args],
-        cwd=cwd,
-        env=env if env is not None else clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
+TIMEOUT = CLI_TIMEOUT
 
 
 @pytest.fixture
@@ -71,7 +50,7 @@ connect_timeout = 2
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_databases_ok_exits_0(pg_server: PostgresServer, tmp_path: Path, backend: str) -> None:
-    result = pgsd("check", "--backend", backend, pg_server.dsn(), cwd=tmp_path)
+    result = run_pgsd("check", "--backend", backend, pg_server.dsn(), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout
     assert "Traceback" not in result.stderr
@@ -79,7 +58,7 @@ def test_all_databases_ok_exits_0(pg_server: PostgresServer, tmp_path: Path, bac
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unreachable_database_beside_a_good_one_exits_1(two_databases: Path, backend: str) -> None:
-    result = pgsd(
+    result = run_pgsd(
         "check",
         "--backend",
         backend,
@@ -99,7 +78,7 @@ def test_unreachable_database_beside_a_good_one_exits_1(two_databases: Path, bac
 
 
 def test_default_config_file_in_the_current_directory_is_used(two_databases: Path) -> None:
-    result = pgsd("check", "--db", "good", "--json", cwd=two_databases.parent)
+    result = run_pgsd("check", "--db", "good", "--json", cwd=two_databases.parent)
     assert result.returncode == 0, result.stderr
     names = [db["name"] for db in json.loads(result.stdout)["databases"]]
     assert names == ["good"]
@@ -111,12 +90,12 @@ def test_pgsd_config_environment_variable_names_the_file(
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = clean_env(PGSD_CONFIG=str(two_databases))
-    result = pgsd("check", "--db", "good", "--json", cwd=elsewhere, env=env)
+    result = run_pgsd("check", "--db", "good", "--json", cwd=elsewhere, env=env)
     assert result.returncode == 0, result.stderr
 
 
 def test_missing_required_privilege_exits_1(pg_server: PostgresServer, tmp_path: Path) -> None:
-    result = pgsd(
+    result = run_pgsd(
         "check",
         "--json",
         "--require",
@@ -131,7 +110,7 @@ def test_missing_required_privilege_exits_1(pg_server: PostgresServer, tmp_path:
 
 
 def test_json_document_has_a_stable_schema(pg_server: PostgresServer, tmp_path: Path) -> None:
-    result = pgsd("check", "--json", pg_server.dsn(), cwd=tmp_path)
+    result = run_pgsd("check", "--json", pg_server.dsn(), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert set(document) == {"pgsd", "backend", "ok", "demo", "databases"}
@@ -182,7 +161,7 @@ def test_bad_config_file_exits_2_naming_file_and_key(
 ) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(content)
-    result = pgsd("check", "--config", str(path), cwd=tmp_path)
+    result = run_pgsd("check", "--config", str(path), cwd=tmp_path)
     assert result.returncode == 2
     assert str(path) in result.stderr or "bad.toml" in result.stderr
     if key is not None:
@@ -191,27 +170,27 @@ def test_bad_config_file_exits_2_naming_file_and_key(
 
 
 def test_unknown_database_name_exits_2(two_databases: Path) -> None:
-    result = pgsd("check", "--db", "nope", cwd=two_databases.parent)
+    result = run_pgsd("check", "--db", "nope", cwd=two_databases.parent)
     assert result.returncode == 2
     assert "nope" in result.stderr
     assert "good" in result.stderr
 
 
 def test_usage_error_exits_2(tmp_path: Path) -> None:
-    result = pgsd("check", "--backend", "curio", cwd=tmp_path)
+    result = run_pgsd("check", "--backend", "curio", cwd=tmp_path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
 
 
 def test_unparsable_dsn_exits_2_without_its_password(tmp_path: Path) -> None:
-    result = pgsd("check", "host=x port=5432 password=s3cr3t-Pa55 'unterminated", cwd=tmp_path)
+    result = run_pgsd("check", "host=x port=5432 password=s3cr3t-Pa55 'unterminated", cwd=tmp_path)
     assert result.returncode == 2
     assert "s3cr3t-Pa55" not in result.stderr + result.stdout
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_embedded_demo_end_to_end(tmp_path: Path, backend: str) -> None:
-    result = pgsd("check", "--backend", backend, "--json", cwd=tmp_path)
+    result = run_pgsd("check", "--backend", backend, "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["demo"] is True
@@ -223,7 +202,7 @@ def test_embedded_demo_end_to_end(tmp_path: Path, backend: str) -> None:
 
 
 def test_embedded_demo_table_output(tmp_path: Path) -> None:
-    result = pgsd("check", cwd=tmp_path)
+    result = run_pgsd("check", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "demo_admin" in result.stdout
     assert "demo_reader" in result.stdout

@@ -40,9 +40,22 @@ def account(pg_server: PostgresServer) -> Account:
 
 
 @pytest.fixture(scope="module")
-def session_bouncer(pg_server: PostgresServer) -> Iterator[PgBouncer]:
+def module_bouncer(pg_server: PostgresServer) -> Iterator[PgBouncer]:
     with PgBouncer(pg_server, pool_mode="session") as bouncer:
         yield bouncer
+
+
+@pytest.fixture
+def session_bouncer(module_bouncer: PgBouncer, account: Account) -> Iterator[PgBouncer]:
+    """The module's session-mode PgBouncer, which the test leaves without server connections.
+
+    PgBouncer keeps the server connections it opened for a test (the
+    account's, and its superuser's for auth_query); closing them lets every
+    test end with the server connections it caused closed.
+    """
+    yield module_bouncer
+    module_bouncer.admin(f"KILL {account.dbname}")
+    module_bouncer.admin(f"RESUME {account.dbname}")
 
 
 def bouncer_config(bouncer: PgBouncer, account: Account, **overrides: Any) -> pgsd.DatabaseConfig:

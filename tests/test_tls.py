@@ -9,11 +9,9 @@ session's server, without TLS, stands for a server that offers none.
 from __future__ import annotations
 
 import json
-import os
 import re
 import stat
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from psycopg.conninfo import make_conninfo
 
 import pgsd
 from pgsd.testing import PostgresServer, TLSFiles
+from support import run_pgsd
 
 pytestmark = pytest.mark.anyio
 
@@ -329,16 +328,7 @@ async def test_the_report_of_a_tls_mistake_explains_it(
 
 
 def pgsd_check(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PGSD_"))}
-    return subprocess.run(
-        [sys.executable, "-m", "pgsd", "check", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT,
-        check=False,
-    )
+    return run_pgsd("check", *args, cwd=cwd)
 
 
 def verify_full_dsn(server: PostgresServer, files: TLSFiles, ca: Path | None = None) -> str:
