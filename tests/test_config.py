@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import textwrap
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from psycopg.conninfo import conninfo_to_dict
 
 import pgsd
+from support import readme_config_example
 
 SECRET = "s3cr3t-Pa55"
 
@@ -340,6 +342,96 @@ def test_database_config_rejects_invalid_extra(extra: object, problem: str) -> N
     assert SECRET not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("fields", "key", "problem"),
+    [
+        # libpq would cut the value at the NUL, silently.
+        ({"host": "db1\0.evil"}, "host", "must not contain a NUL character"),
+        ({"password": f"{SECRET}\0"}, "password", "must not contain a NUL character"),
+        ({"port": "5432\0"}, "port", "must not contain a NUL character"),
+        (
+            {"application_name": "\ud800"},
+            "application_name",
+            "must be valid Unicode text: an unpaired surrogate at position 0",
+        ),
+        ({"extra": {"sslpassword": SECRET + "\0"}}, "extra", "sslpassword: must not contain a NUL"),
+    ],
+)
+def test_database_config_rejects_text_libpq_cannot_take(
+    fields: dict[str, Any], key: str, problem: str
+) -> None:
+    with pytest.raises(pgsd.ConfigError) as info:
+        pgsd.DatabaseConfig(**fields)
+    assert info.value.key == key
+    assert problem in info.value.problem
+    assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda: pgsd.DatabaseConfig(connect_timeout=10**400),
+            "connect_timeout: must be a number > 0, got 100000000000000000...0000000000000000000",
+        ),
+        (
+            lambda: pgsd.PoolConfig(acquire_timeout=-(10**400)),
+            "acquire_timeout: must be a number > 0, got -10000000000000000...0000000000000000000",
+        ),
+        (
+            lambda: pgsd.PoolConfig(max_size=-(10**5000)),
+            "max_size: must be an integer >= 1, got <an integer too long to show>",
+        ),
+        (
+            lambda: pgsd.DatabaseConfig(port=10**5000),
+            "port: must be an integer between 1 and 65535, got <an integer too long to show>",
+        ),
+        (
+            lambda: pgsd.DatabaseConfig(extra={"keepalives_idle": 10**5000}),
+            "extra: keepalives_idle: must be an integer between -2147483648 and 2147483647",
+        ),
+        (
+            lambda: pgsd.DatabaseConfig(extra={"keepalives_idle": math.inf}),
+            "extra: keepalives_idle: must be a finite number",
+        ),
+    ],
+)
+def test_config_rejects_numbers_out_of_range_without_crashing(
+    make: Callable[[], object], message: str
+) -> None:
+    with pytest.raises(pgsd.ConfigError) as info:
+        make()
+    assert str(info.value) == message
+
+
+def test_database_config_rejects_extra_keys_of_mixed_types() -> None:
+    with pytest.raises(pgsd.ConfigError) as info:
+        pgsd.DatabaseConfig(extra={"keepalives": "1", 1: "a"})  # type: ignore[dict-item]
+    assert str(info.value) == "extra: 1 is not a libpq connection keyword"
+
+
+def test_database_config_messages_shorten_long_and_deep_values() -> None:
+    deep: list[Any] = []
+    for _ in range(10_000):
+        deep = [deep]
+    with pytest.raises(pgsd.ConfigError) as info:
+        pgsd.DatabaseConfig(host=deep)  # type: ignore[arg-type]
+    assert str(info.value) == "host: must be a non-empty string, got [[[[[[[...]]]]]]]"
+    with pytest.raises(pgsd.ConfigError) as info:
+        pgsd.DatabaseConfig(sslmode="x" * 100_000)
+    assert len(str(info.value)) < 200
+
+
+def test_database_config_rejects_a_port_per_host_that_does_not_match_the_hosts() -> None:
+    with pytest.raises(pgsd.ConfigError) as info:
+        pgsd.DatabaseConfig(host="db1,db2", port="5432,5433,5434")
+    assert str(info.value) == (
+        "port: must be one port for all hosts or one per host (2), got 3: '5432,5433,5434'"
+    )
+    assert pgsd.DatabaseConfig(host="db1,db2", port="5432").port == 5432
+    assert pgsd.DatabaseConfig(host="db1,db2", port="5432,").port == "5432,"
+
+
 def test_database_config_replace_returns_a_validated_copy() -> None:
     db = pgsd.DatabaseConfig(host="db1")
     assert db.replace(port=6432).port == 6432
@@ -543,6 +635,61 @@ def test_from_dsn_rejects_a_non_numeric_connect_timeout() -> None:
     assert str(info.value) == "connect_timeout: must be a number > 0, got 'soon' (from the dsn)"
 
 
+@pytest.mark.parametrize(
+    ("dsn", "key", "problem"),
+    [
+        ("port=" + "9" * 5000, "port", "must be an integer between 1 and 65535"),
+        ("host=db1,db2 port=5432," + "9" * 5000, "port", "must be a comma-separated list"),
+        ("host=db1\0 host=evil", "dsn", "must not contain a NUL character"),
+        ("host=\ud800", "dsn", "must be valid Unicode text: an unpaired surrogate at position 5"),
+        ("postgresql:///C2%80", "dsn", "cannot parse the DSN: a %-escape in the URL does not"),
+        ("host=db1,db2 port=5432,5433,5434", "port", "one per host (2), got 3"),
+    ],
+)
+def test_from_dsn_rejects_what_libpq_would_misread_or_psycopg_cannot_decode(
+    dsn: str, key: str, problem: str
+) -> None:
+    with pytest.raises(pgsd.ConfigError) as info:
+        pgsd.DatabaseConfig.from_dsn(dsn)
+    assert info.value.key == key
+    assert problem in info.value.problem
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        # libpq quotes the token with the bad %-escape...
+        f"postgresql://app:pa%zz{SECRET}@db1/app",
+        # ...the URL with a space in it...
+        f"postgresql://app:{SECRET} x@db1/app",
+        # ...the word after an unquoted space...
+        f"host=db1 password=ab {SECRET}",
+        # ...and the whole URL when "://" is mistyped.
+        f"postgresql//app:{SECRET}@db1/app",
+        # "@host" forgotten, or a "/" in the password: read as host:port.
+        f"postgresql://app:{SECRET}",
+        f"postgresql://app:{SECRET}/@db1/app",
+        # The password in a DSN whose port is wrong.
+        f"host=db1 password={SECRET} port={SECRET}",
+    ],
+)
+def test_from_dsn_errors_never_show_a_misplaced_password(dsn: str) -> None:
+    with pytest.raises(pgsd.ConfigError) as info:
+        pgsd.DatabaseConfig.from_dsn(dsn)
+    err = info.value
+    assert SECRET not in "".join(traceback.format_exception(err))
+    assert SECRET not in repr(err)
+    # Not even as the hidden context, where psycopg's error would quote it.
+    assert err.__context__ is None
+    assert err.__cause__ is None
+
+
+def test_from_dsn_errors_show_libpq_quotes_of_a_dsn_without_secrets() -> None:
+    with pytest.raises(pgsd.ConfigError) as info:
+        pgsd.DatabaseConfig.from_dsn("host=db1 bogus=1")
+    assert str(info.value) == 'dsn: cannot parse the DSN: invalid connection option "bogus"'
+
+
 # --- round trips (hypothesis) -----------------------------------------------------
 
 AWKWARD = " '\"\\@:/=,?#&%é€😀\t"
@@ -698,28 +845,7 @@ def test_connector_configs_compare_and_hash_by_value() -> None:
 
 # --- load_config: reading ------------------------------------------------------------
 
-DESIGN_EXAMPLE = """\
-[pool]                       # defaults for every database
-max_size = 5
-acquire_timeout = 30
-
-[databases.source]
-host = "db1.internal"
-port = 5432
-dbname = "app"
-user = "pgsd"
-password_env = "SOURCE_PGPASSWORD"   # the variable's name, not the secret
-sslmode = "verify-full"
-sslrootcert = "/etc/ssl/db-ca.crt"
-connect_timeout = 30
-required = ["database:CONNECT", "schema:public:USAGE"]
-
-[databases.target]
-dsn = "postgresql://pgsd@db2.internal/app?sslmode=require"
-
-[databases.target.pool]      # per-database override
-max_size = 10
-"""
+DESIGN_EXAMPLE = readme_config_example()
 
 
 def test_load_config_reads_the_documented_example(tmp_path: Path) -> None:
@@ -1061,3 +1187,52 @@ def test_prepare_threshold_true_in_a_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(pgsd.ConfigError) as info:
         pgsd.load_config(path)
     assert "databases.a.prepare_threshold" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("a = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+        ("a = " + "{b = " * 2000 + "1" + "}" * 2000 + "\n", "nested too deeply"),
+        ("a = 1" + "0" * 5000 + "\n", "an integer has too many digits"),
+    ],
+)
+def test_load_config_reports_toml_that_python_cannot_read(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    err = config_error(tmp_path, text)
+    assert err.key is None
+    assert err.problem.startswith("invalid TOML: ")
+    assert problem in err.problem
+
+
+def test_load_config_rejects_a_number_beyond_the_float_range(tmp_path: Path) -> None:
+    err = config_error(tmp_path, f"[pool]\nacquire_timeout = 1{'0' * 400}\n[databases.a]\n")
+    assert err.key == "pool.acquire_timeout"
+    assert err.problem.startswith("must be a number > 0, got 1000")
+
+
+def test_load_config_never_echoes_a_secret_keyword_of_the_wrong_type(tmp_path: Path) -> None:
+    err = config_error(tmp_path, f'[databases.a]\nsslpassword = ["{SECRET}"]\n')
+    assert (
+        str(err) == f"{err.path}: databases.a.sslpassword: must be a string or a number, got list"
+    )
+
+
+def test_load_config_rejects_a_nul_in_a_value(tmp_path: Path) -> None:
+    err = config_error(tmp_path, '[databases.a]\nhost = "db1\\u0000.evil"\n')
+    assert err.key == "databases.a.host"
+    assert err.problem == "must not contain a NUL character"
+
+
+def test_load_config_escapes_control_characters_in_keys(tmp_path: Path) -> None:
+    err = config_error(tmp_path, '[databases."a\\u0000b\\nc"]\nport = 0\n')
+    assert err.key == 'databases."a\\u0000b\\u000Ac".port'
+
+
+def test_load_config_reports_a_nul_in_the_file_name(tmp_path: Path) -> None:
+    path = str(tmp_path / "pgsd\0.toml")
+    with pytest.raises(pgsd.ConfigError) as info:
+        pgsd.load_config(path)
+    assert info.value.path == path
+    assert info.value.problem == "the file name contains a NUL character"

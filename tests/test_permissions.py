@@ -119,6 +119,45 @@ def test_no_requirements_parse_to_nothing() -> None:
     assert parse_requirements([]) == ()
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "schema:semi;colon:USAGE",
+        "table:my-table:SELECT",
+        "schema:1st:USAGE",
+        "schema:Mixed Case:USAGE",
+        "role:x'--",
+        'schema:UPPER":USAGE',
+        "table:public.victim; DROP TABLE victim:SELECT",
+    ],
+)
+def test_unquoted_names_must_be_sql_identifiers(text: str) -> None:
+    with pytest.raises(ConfigError, match="is not a permission requirement"):
+        parse_requirement(text)
+
+
+def test_quoted_names_may_hold_any_character() -> None:
+    parsed = parse_requirement('table:"semi;colon"."my-table; --":SELECT')
+    assert (parsed.schema, parsed.name) == ("semi;colon", "my-table; --")
+
+
+def test_bare_names_take_dollars_digits_and_any_letter() -> None:
+    assert parse_requirement("table:_app$1.Tête:SELECT").name == "tête"
+
+
+def test_requirement_with_an_unpaired_surrogate_raises_config_error() -> None:
+    # The server could not be sent it: psycopg would raise UnicodeEncodeError.
+    with pytest.raises(ConfigError, match="an unpaired surrogate"):
+        parse_requirement('schema:"\ud800":USAGE')
+
+
+def test_a_requirement_that_is_not_a_string_raises_config_error() -> None:
+    with pytest.raises(ConfigError, match="must be a string, got int"):
+        parse_requirement(42)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="must be a string, got NoneType"):
+        parse_requirements([None])  # type: ignore[list-item]
+
+
 # -- against a server -------------------------------------------------------
 
 

@@ -12,9 +12,11 @@ import dataclasses
 import functools
 import math
 import re
+import reprlib
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self, TypeVar
+from urllib.parse import unquote
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -28,6 +30,7 @@ __all__ = [
     "DatabaseConfig",
     "PoolConfig",
     "is_libpq_keyword",
+    "short_repr",
 ]
 
 _K = TypeVar("_K")
@@ -66,6 +69,25 @@ class _FrozenMap(Mapping[_K, _V]):
 # --- value checks: each raises ConfigError(key=the field name) -------------
 
 
+class _ShortRepr(reprlib.Repr):
+    def repr_int(self, x: int, level: int) -> str:
+        try:
+            return super().repr_int(x, level)
+        except ValueError:
+            # repr() refuses integers of more than sys.get_int_max_str_digits() digits.
+            return "<an integer too long to show>"
+
+
+_SHORT_REPR = _ShortRepr()
+_SHORT_REPR.maxstring = 80
+_SHORT_REPR.maxother = 80
+
+
+def short_repr(value: object) -> str:
+    """A value for a message: ``repr``, shortened, nested structures cut off. Never raises."""
+    return _SHORT_REPR.repr(value)
+
+
 def _number_text(value: float) -> str:
     return f"{value:g}"
 
@@ -83,7 +105,7 @@ def _check_int(key: str, value: object, *, minimum: int, maximum: int | None = N
         wanted = f"an integer >= {minimum}"
     else:
         wanted = f"an integer between {minimum} and {maximum}"
-    raise ConfigError(f"must be {wanted}, got {value!r}", key=key)
+    raise ConfigError(f"must be {wanted}, got {short_repr(value)}", key=key)
 
 
 def _check_number(
@@ -99,23 +121,26 @@ def _check_number(
     if below is not None:
         wanted += f" and < {_number_text(below)}"
     if isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond the float range
+            number = math.inf
         in_range = number > minimum if exclusive else number >= minimum
         if math.isfinite(number) and in_range and (below is None or number < below):
             return number
-    raise ConfigError(f"must be {wanted}, got {value!r}", key=key)
+    raise ConfigError(f"must be {wanted}, got {short_repr(value)}", key=key)
 
 
 def _check_optional_str(key: str, value: object, *, non_empty: bool = False) -> None:
     if value is None or (isinstance(value, str) and (value or not non_empty)):
         return
     wanted = "a non-empty string" if non_empty else "a string"
-    raise ConfigError(f"must be {wanted}, got {value!r}", key=key)
+    raise ConfigError(f"must be {wanted}, got {short_repr(value)}", key=key)
 
 
 def _check_str(key: str, value: object) -> None:
     if not isinstance(value, str):
-        raise ConfigError(f"must be a string, got {value!r}", key=key)
+        raise ConfigError(f"must be a string, got {short_repr(value)}", key=key)
 
 
 def _check_password(value: object) -> None:
@@ -127,7 +152,27 @@ def _check_password(value: object) -> None:
 def _check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
     if value is None or value in choices:
         return
-    raise ConfigError(f"must be one of {', '.join(choices)}; got {value!r}", key=key)
+    raise ConfigError(f"must be one of {', '.join(choices)}; got {short_repr(value)}", key=key)
+
+
+def _libpq_text_problem(text: str) -> str | None:
+    """Why libpq cannot take *text* as a value, or None.
+
+    libpq reads C strings: it would silently cut a value at a NUL. psycopg
+    encodes conninfo as UTF-8, which has no form for an unpaired surrogate.
+    """
+    if "\0" in text:
+        return "must not contain a NUL character"
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        return f"must be valid Unicode text: an unpaired surrogate at position {exc.start}"
+    return None
+
+
+def _check_libpq_text(key: str, value: object) -> None:
+    if isinstance(value, str) and (problem := _libpq_text_problem(value)) is not None:
+        raise ConfigError(problem, key=key)
 
 
 # --- PoolConfig --------------------------------------------------------------
@@ -224,7 +269,9 @@ class PoolConfig:
         for key in POOL_HOOKS:
             hook = getattr(self, key)
             if hook is not None and not callable(hook):
-                raise ConfigError(f"must be an async callable or None, got {hook!r}", key=key)
+                raise ConfigError(
+                    f"must be an async callable or None, got {short_repr(hook)}", key=key
+                )
 
     def _check_relations(self) -> None:
         if self.min_size > self.max_size:
@@ -272,6 +319,7 @@ _PLAIN_STRS = ("passfile", "service", "sslrootcert", "sslcert", "sslkey", "sslcr
 
 _KEYWORD = re.compile(r"[a-z][a-z0-9_]*")
 _MAX_PORT = 65535
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 # libpq rounds any connect_timeout below 2 s up to 2 s.
 _LIBPQ_MIN_TIMEOUT = 2
 
@@ -284,21 +332,41 @@ def _normalize_port(value: object) -> int | str | None:
         if all(_is_port(part) for part in value.split(",") if part):
             return value
         wanted = f"a comma-separated list of integers between 1 and {_MAX_PORT}"
-        raise ConfigError(f"must be {wanted}, got {value!r}", key="port")
+        raise ConfigError(f"must be {wanted}, got {short_repr(value)}", key="port")
     if isinstance(value, str) and _is_port(value):
         return int(value)
     if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= _MAX_PORT:
         return value
-    raise ConfigError(f"must be an integer between 1 and {_MAX_PORT}, got {value!r}", key="port")
+    wanted = f"an integer between 1 and {_MAX_PORT}"
+    raise ConfigError(f"must be {wanted}, got {short_repr(value)}", key="port")
 
 
 def _is_port(text: str) -> bool:
-    return text.isascii() and text.isdigit() and 1 <= int(text) <= _MAX_PORT
+    # The length first: int() refuses strings of thousands of digits.
+    if len(text) > len(str(_MAX_PORT)) or not (text.isascii() and text.isdigit()):
+        return False
+    return 1 <= int(text) <= _MAX_PORT
+
+
+def _check_port_count(host: str | None, port: int | str | None) -> None:
+    # libpq takes one port for all hosts, or one per host; it would refuse
+    # anything else only when connecting.
+    if host is None or not isinstance(port, str):
+        return
+    hosts, ports = host.count(",") + 1, port.count(",") + 1
+    if ports != hosts:
+        raise ConfigError(
+            f"must be one port for all hosts or one per host ({hosts}),"
+            f" got {ports}: {short_repr(port)}",
+            key="port",
+        )
 
 
 def _normalize_required(value: object) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, Iterable):
-        raise ConfigError(f"must be a list of privilege strings, got {value!r}", key="required")
+        raise ConfigError(
+            f"must be a list of privilege strings, got {short_repr(value)}", key="required"
+        )
     items = tuple(value)
     for item in items:
         _check_requirement(item)
@@ -309,7 +377,7 @@ def _check_requirement(item: object) -> None:
     # The permission checker's own parser, so that a config accepts exactly
     # what check_permissions() understands.
     if not isinstance(item, str):
-        raise ConfigError(f"entries must be strings, got {item!r}", key="required")
+        raise ConfigError(f"entries must be strings, got {short_repr(item)}", key="required")
     try:
         parse_requirement(item)
     except ConfigError as exc:
@@ -319,22 +387,39 @@ def _check_requirement(item: object) -> None:
 def _normalize_extra(value: object) -> _FrozenMap[str, str]:
     if not isinstance(value, Mapping):
         raise ConfigError(
-            f"must be a mapping of libpq keywords to values, got {value!r}", key="extra"
+            f"must be a mapping of libpq keywords to values, got {short_repr(value)}",
+            key="extra",
         )
-    extra: dict[str, str] = {}
-    for keyword, setting in sorted(value.items()):
+    # Keywords first: sorting keys of mixed types would raise TypeError.
+    for keyword in value:
         _check_extra_keyword(keyword)
-        if isinstance(setting, bool) or not isinstance(setting, str | int | float):
-            raise ConfigError(f"{keyword}: must be a string or a number", key="extra")
-        extra[keyword] = str(setting)
-    return _FrozenMap(extra)
+    return _FrozenMap(
+        (keyword, _extra_value(keyword, setting)) for keyword, setting in sorted(value.items())
+    )
+
+
+def _extra_value(keyword: str, setting: object) -> str:
+    # Values are never shown: the keyword may name a secret (sslpassword).
+    if isinstance(setting, bool) or not isinstance(setting, str | int | float):
+        raise ConfigError(f"{keyword}: must be a string or a number", key="extra")
+    if isinstance(setting, float) and not math.isfinite(setting):
+        raise ConfigError(f"{keyword}: must be a finite number", key="extra")
+    if isinstance(setting, int) and not _INT_MIN <= setting <= _INT_MAX:
+        # libpq reads every numeric keyword as a C int.
+        raise ConfigError(
+            f"{keyword}: must be an integer between {_INT_MIN} and {_INT_MAX}", key="extra"
+        )
+    text = str(setting)
+    if (problem := _libpq_text_problem(text)) is not None:
+        raise ConfigError(f"{keyword}: {problem}", key="extra")
+    return text
 
 
 def _check_extra_keyword(keyword: object) -> None:
     if keyword in _LIBPQ_FIELDS:
         raise ConfigError(f"{keyword}: set the {keyword} field instead", key="extra")
     if not isinstance(keyword, str) or not is_libpq_keyword(keyword):
-        raise ConfigError(f"{keyword!r} is not a libpq connection keyword", key="extra")
+        raise ConfigError(f"{short_repr(keyword)} is not a libpq connection keyword", key="extra")
 
 
 @functools.lru_cache(maxsize=128)
@@ -406,11 +491,14 @@ class DatabaseConfig:
         _check_str("application_name", self.application_name)
         _check_choice("sslmode", self.sslmode, _SSLMODES)
         _check_choice("target_session_attrs", self.target_session_attrs, _SESSION_ATTRS)
+        for key in _LIBPQ_FIELDS:
+            _check_libpq_text(key, getattr(self, key))
         self._normalize()
 
     def _normalize(self) -> None:
         set_ = functools.partial(object.__setattr__, self)  # the dataclass is frozen
         set_("port", _normalize_port(self.port))
+        _check_port_count(self.host, self.port)
         set_("connect_timeout", _check_positive("connect_timeout", self.connect_timeout))
         set_("cancel_grace", _check_positive("cancel_grace", self.cancel_grace))
         if self.prepare_threshold is not None:
@@ -418,7 +506,9 @@ class DatabaseConfig:
         set_("required", _normalize_required(self.required))
         set_("extra", _normalize_extra(self.extra))
         if self.pool is not None and not isinstance(self.pool, PoolConfig):
-            raise ConfigError(f"must be a PoolConfig or None, got {self.pool!r}", key="pool")
+            raise ConfigError(
+                f"must be a PoolConfig or None, got {short_repr(self.pool)}", key="pool"
+            )
 
     @classmethod
     def from_dsn(cls, dsn: str, **overrides: Any) -> Self:
@@ -441,9 +531,14 @@ class DatabaseConfig:
         try:
             return cls(**{**fields, "extra": extra, **overrides})
         except ConfigError as exc:
-            if exc.key in fields and exc.key not in overrides:
-                raise ConfigError(f"{exc.problem} (from the dsn)", key=exc.key) from None
-            raise
+            if exc.key not in fields or exc.key in overrides:
+                raise
+            problem, key = exc.problem, exc.key
+        if _may_be_secret(dsn, key):
+            problem = problem.replace(short_repr(fields[key]), "***")
+        # Raised outside the except clause: the original error, which shows
+        # the value, is not kept even as the hidden __context__.
+        raise ConfigError(f"{problem} (from the dsn)", key=key) from None
 
     def conninfo(self) -> str:
         """Return the libpq conninfo string, password included, for the driver only.
@@ -509,14 +604,72 @@ def _masked(extra: Mapping[str, str]) -> dict[str, str]:
 def _parse_dsn(dsn: object) -> dict[str, Any]:
     if not isinstance(dsn, str):
         raise ConfigError(f"must be a string, got {type(dsn).__name__}", key="dsn")
+    if (problem := _libpq_text_problem(dsn)) is not None:
+        raise ConfigError(problem, key="dsn")
     try:
-        params = conninfo_to_dict(dsn)
+        return dict(conninfo_to_dict(dsn))
     except psycopg.Error as exc:
-        # psycopg's text may quote the DSN, password and all: ConfigError
-        # redacts it, and "from None" keeps the original out of tracebacks.
-        detail = str(exc).strip()
-        raise ConfigError(f"cannot parse the DSN: {detail}", key="dsn") from None
-    return dict(params)
+        detail = _parse_error_detail(str(exc).strip(), dsn)
+    except UnicodeDecodeError:
+        # libpq decodes a URL's %-escapes to bytes; psycopg reads them as UTF-8.
+        detail = "a %-escape in the URL does not spell UTF-8 text"
+    # Raised outside the except clause, so that the psycopg error, whose text
+    # may quote the DSN, password and all, is not even the hidden __context__.
+    raise ConfigError(f"cannot parse the DSN: {detail}", key="dsn") from None
+
+
+# A fragment of the DSN that libpq quotes in its message: "...".
+_QUOTED_FRAGMENT = re.compile(r'"[^"]*"')
+_URL_SIGNS = re.compile("[:@]")
+
+
+def _parse_error_detail(message: str, dsn: str) -> str:
+    """libpq's message, less the parts of the DSN it quotes that may hold a password.
+
+    libpq quotes a token, a keyword or the whole URL: with a password out of
+    place (a space, a bad %-escape, a mistyped ``://``) that may be the
+    password or a piece of it, which no pattern can recognise. So no quoted
+    fragment is shown when the DSN may hold a secret, and otherwise none with
+    a ``:`` or an ``@`` (a URL's ``user:password@``). One-character fragments
+    (``missing "=" after``) are kept.
+    """
+    everywhere = _may_hold_secret(dsn)
+    if '"' in unquote(dsn) and (everywhere or _URL_SIGNS.search(dsn)):
+        # Quotes of the DSN's own would blur where libpq's fragments end.
+        kind = message.partition('"')[0].rstrip(' :"')
+        return f"{kind} (the rest is left out: it may quote a password)"
+
+    def shown(match: re.Match[str]) -> str:
+        fragment = match[0]
+        if len(fragment) <= 3 or not (everywhere or _URL_SIGNS.search(fragment)):
+            return fragment
+        return '"***"'
+
+    return _QUOTED_FRAGMENT.sub(shown, message)
+
+
+def _may_hold_secret(dsn: str) -> bool:
+    """Whether *dsn* may spell a secret: a secret keyword, or a URL with a colon (``u:pw@``)."""
+    _, url, rest = dsn.partition("://")
+    return _has_secret_keyword(dsn) or (bool(url) and ":" in rest)
+
+
+def _may_be_secret(dsn: str, key: str) -> bool:
+    """Whether libpq may have read a misplaced password in *dsn* as the value of *key*."""
+    if _has_secret_keyword(dsn):
+        return True
+    _, url, rest = dsn.partition("://")
+    if not url:
+        return False
+    userinfo, at, _ = rest.rpartition("@")
+    # "user:pass/word@host" is read as host, port and dbname; "user:password"
+    # with "@host" forgotten as "host:port".
+    return ":" in userinfo if at else key == "port"
+
+
+def _has_secret_keyword(dsn: str) -> bool:
+    # %-decoded: a URL's query may spell "pass%77ord".
+    return any(is_secret_key(word) for word in re.findall(r"\w+", unquote(dsn)))
 
 
 def _float_or_text(text: object) -> object:

@@ -23,8 +23,9 @@ from ._config import (
     DatabaseConfig,
     PoolConfig,
     is_libpq_keyword,
+    short_repr,
 )
-from ._errors import ConfigError
+from ._errors import ConfigError, is_secret_key
 
 __all__ = ["load_config"]
 
@@ -36,6 +37,8 @@ _DATABASE_FILE_KEYS = (
     "pool",
 )
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+# What a TOML basic string escapes: the quote, the backslash and control characters.
+_KEY_ESCAPE = re.compile(r'["\\\x00-\x1f\x7f]')
 
 
 def load_config(
@@ -67,15 +70,24 @@ def load_config(
 def _read_toml(file: str) -> dict[str, Any]:
     try:
         with open(file, "rb") as stream:
-            return tomllib.load(stream)
+            data = stream.read()
     except FileNotFoundError:
         raise ConfigError("file not found", path=file) from None
     except OSError as exc:
         raise ConfigError(f"cannot read the file: {exc.strerror}", path=file) from None
+    except ValueError:  # open() refuses a name with a NUL character
+        raise ConfigError("the file name contains a NUL character", path=file) from None
+    try:
+        return tomllib.loads(data.decode())
     except UnicodeDecodeError:
         raise ConfigError("not valid UTF-8", path=file) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML: {exc}", path=file) from None
+    except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
+        raise ConfigError("invalid TOML: an integer has too many digits", path=file) from None
+    except RecursionError:
+        problem = "invalid TOML: arrays or inline tables are nested too deeply"
+        raise ConfigError(problem, path=file) from None
 
 
 def _build_connector(document: dict[str, Any], environ: Mapping[str, str]) -> ConnectorConfig:
@@ -128,8 +140,10 @@ def _move_libpq_keywords(table: dict[str, Any], prefix: tuple[str, ...]) -> None
     for key in [k for k in table if k not in _DATABASE_FILE_KEYS]:
         value = table.pop(key)
         if isinstance(value, bool) or not isinstance(value, str | int | float):
+            # Never echo what may be a secret (sslpassword) of the wrong type.
+            shown = type(value).__name__ if is_secret_key(key) else short_repr(value)
             raise ConfigError(
-                f"must be a string or a number, got {value!r}", key=_dotted(*prefix, key)
+                f"must be a string or a number, got {shown}", key=_dotted(*prefix, key)
             )
         extra[key] = value
     if extra:
@@ -144,7 +158,9 @@ def _resolve_password(
     variable = table.pop("password_env")
     key = _dotted(*prefix, "password_env")
     if not isinstance(variable, str) or not variable:
-        raise ConfigError(f"must be an environment variable name, got {variable!r}", key=key)
+        raise ConfigError(
+            f"must be an environment variable name, got {short_repr(variable)}", key=key
+        )
     if "password" in table:
         raise ConfigError("set either password or password_env, not both", key=key)
     password = environ.get(variable)
@@ -165,7 +181,7 @@ def _database_pool(
 
 def _table(value: object, key: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise ConfigError(f"must be a table, got {value!r}", key=key)
+        raise ConfigError(f"must be a table, got {short_repr(value)}", key=key)
     return value
 
 
@@ -193,8 +209,13 @@ def _dotted(*parts: str) -> str:
 
 
 def _quoted(part: str) -> str:
-    escaped = part.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = _KEY_ESCAPE.sub(_escape, part)
     return f'"{escaped}"'
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match[0]
+    return "\\" + char if char in '"\\' else f"\\u{ord(char):04X}"
 
 
 @contextmanager

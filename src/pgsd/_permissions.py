@@ -16,9 +16,10 @@ A requirement is a string naming one privilege:
 
 Privilege names and the kind are case-insensitive. Names follow SQL
 identifier rules, as in ``to_regclass``: unquoted names fold to lower case,
-double quotes keep case, dots and colons. An object that does not exist is
-missing, for a superuser too; a superuser holds every privilege on every
-object that exists.
+double quotes keep case, dots, colons and any other character (``""`` for a
+double quote). A name that is not a plain identifier must be quoted. An
+object that does not exist is missing, for a superuser too; a superuser
+holds every privilege on every object that exists.
 """
 
 from __future__ import annotations
@@ -64,8 +65,14 @@ _PRIVILEGES: dict[str, tuple[str, ...]] = {
 }
 _FORMS = "database:PRIV, schema:NAME:PRIV, table:[SCHEMA.]NAME:PRIV or role:NAME"
 
-# One part of a dotted name: "quoted, with "" for a quote", or bare.
-_NAME_PART_RE = re.compile(r'\s*(?:"((?:[^"]|"")+)"|([^."\s:]+))\s*')
+# One part of a dotted name: "quoted, with "" for a quote", or a bare SQL
+# identifier: a letter or _, then letters, digits, _ and $, where every
+# non-ASCII character counts as a letter (as the server's lexer has it)
+# except white space.
+_NAME_PART_RE = re.compile(
+    r'\s*(?:"((?:[^"]|"")+)"'
+    r"|((?:(?!\s)[A-Za-z_\x80-\U0010ffff])(?:(?!\s)[A-Za-z0-9_$\x80-\U0010ffff])*))\s*"
+)
 # The server folds only ASCII letters of unquoted names.
 _FOLD = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
@@ -148,14 +155,19 @@ def parse_requirement(text: str) -> Requirement:
     """Parse one requirement string (forms in this module's documentation).
 
     Raises:
-        ConfigError: the string is not a requirement.
+        ConfigError: the string is not a requirement (or not a string).
     """
+    if not isinstance(text, str):
+        raise ConfigError(f"a permission requirement must be a string, got {type(text).__name__}")
     kind, colon, rest = text.partition(":")
     kind = kind.strip().lower()
     if not colon or kind not in ("database", "schema", "table", "role"):
         raise _malformed(text, "it does not start with database:, schema:, table: or role:")
     if "\0" in text:
         raise _malformed(text, "it contains a NUL character")
+    if not _is_unicode(text):
+        # The server could not be sent it: UTF-8 has no form for a lone surrogate.
+        raise _malformed(text, "it contains an unpaired surrogate")
     if kind == "database":
         return Requirement(text, "database", privilege=_privilege(text, "database", rest))
     parts, rest = _split_name(text, rest)
@@ -176,6 +188,14 @@ def parse_requirement(text: str) -> Requirement:
     return Requirement(text, "table", name=parts[-1], schema=schema, privilege=privilege)
 
 
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _split_name(text: str, rest: str) -> tuple[list[str], str]:
     """Split a dotted SQL name off the front of ``rest``: (parts, what follows)."""
     parts: list[str] = []
@@ -183,10 +203,13 @@ def _split_name(text: str, rest: str) -> tuple[list[str], str]:
     while True:
         match = _NAME_PART_RE.match(rest, pos)
         if match is None:
-            raise _malformed(text, "a name is missing or badly quoted")
+            raise _malformed(text, "a name is missing, badly quoted or not an identifier")
         quoted, bare = match.groups()
         parts.append(quoted.replace('""', '"') if quoted is not None else bare.translate(_FOLD))
         pos = match.end()
+        if pos < len(rest) and rest[pos] not in ".:":
+            why = f"unexpected {rest[pos]!r} after a name (quote names that are not identifiers)"
+            raise _malformed(text, why)
         if not rest.startswith(".", pos):
             return parts, rest[pos:]
         pos += 1
