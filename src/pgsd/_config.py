@@ -16,11 +16,11 @@ import reprlib
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self, TypeVar
-from urllib.parse import unquote
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from ._dsn import libpq_text_problem, may_be_secret, parse_dsn
 from ._errors import ConfigError, format_address, is_secret_key
 from ._permissions import parse_requirement
 
@@ -155,23 +155,8 @@ def _check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
     raise ConfigError(f"must be one of {', '.join(choices)}; got {short_repr(value)}", key=key)
 
 
-def _libpq_text_problem(text: str) -> str | None:
-    """Why libpq cannot take *text* as a value, or None.
-
-    libpq reads C strings: it would silently cut a value at a NUL. psycopg
-    encodes conninfo as UTF-8, which has no form for an unpaired surrogate.
-    """
-    if "\0" in text:
-        return "must not contain a NUL character"
-    try:
-        text.encode()
-    except UnicodeEncodeError as exc:
-        return f"must be valid Unicode text: an unpaired surrogate at position {exc.start}"
-    return None
-
-
 def _check_libpq_text(key: str, value: object) -> None:
-    if isinstance(value, str) and (problem := _libpq_text_problem(value)) is not None:
+    if isinstance(value, str) and (problem := libpq_text_problem(value)) is not None:
         raise ConfigError(problem, key=key)
 
 
@@ -410,7 +395,7 @@ def _extra_value(keyword: str, setting: object) -> str:
             f"{keyword}: must be an integer between {_INT_MIN} and {_INT_MAX}", key="extra"
         )
     text = str(setting)
-    if (problem := _libpq_text_problem(text)) is not None:
+    if (problem := libpq_text_problem(text)) is not None:
         raise ConfigError(f"{keyword}: {problem}", key="extra")
     return text
 
@@ -522,7 +507,7 @@ class DatabaseConfig:
         Raises `ConfigError` if the DSN cannot be parsed (the message never
         contains its password) or holds an invalid value.
         """
-        params = _parse_dsn(dsn)
+        params = parse_dsn(dsn)
         fields = {k: v for k, v in params.items() if k in _LIBPQ_FIELDS and v != ""}
         extra = {k: v for k, v in params.items() if k not in _LIBPQ_FIELDS and v != ""}
         if "connect_timeout" in fields:
@@ -534,7 +519,7 @@ class DatabaseConfig:
             if exc.key not in fields or exc.key in overrides:
                 raise
             problem, key = exc.problem, exc.key
-        if _may_be_secret(dsn, key):
+        if may_be_secret(dsn, key):
             problem = problem.replace(short_repr(fields[key]), "***")
         # Raised outside the except clause: the original error, which shows
         # the value, is not kept even as the hidden __context__.
@@ -599,77 +584,6 @@ def _default_of(f: dataclasses.Field[Any]) -> object:
 
 def _masked(extra: Mapping[str, str]) -> dict[str, str]:
     return {k: ("***" if is_secret_key(k) else v) for k, v in extra.items()}
-
-
-def _parse_dsn(dsn: object) -> dict[str, Any]:
-    if not isinstance(dsn, str):
-        raise ConfigError(f"must be a string, got {type(dsn).__name__}", key="dsn")
-    if (problem := _libpq_text_problem(dsn)) is not None:
-        raise ConfigError(problem, key="dsn")
-    try:
-        return dict(conninfo_to_dict(dsn))
-    except psycopg.Error as exc:
-        detail = _parse_error_detail(str(exc).strip(), dsn)
-    except UnicodeDecodeError:
-        # libpq decodes a URL's %-escapes to bytes; psycopg reads them as UTF-8.
-        detail = "a %-escape in the URL does not spell UTF-8 text"
-    # Raised outside the except clause, so that the psycopg error, whose text
-    # may quote the DSN, password and all, is not even the hidden __context__.
-    raise ConfigError(f"cannot parse the DSN: {detail}", key="dsn") from None
-
-
-# A fragment of the DSN that libpq quotes in its message: "...".
-_QUOTED_FRAGMENT = re.compile(r'"[^"]*"')
-_URL_SIGNS = re.compile("[:@]")
-
-
-def _parse_error_detail(message: str, dsn: str) -> str:
-    """libpq's message, less the parts of the DSN it quotes that may hold a password.
-
-    libpq quotes a token, a keyword or the whole URL: with a password out of
-    place (a space, a bad %-escape, a mistyped ``://``) that may be the
-    password or a piece of it, which no pattern can recognise. So no quoted
-    fragment is shown when the DSN may hold a secret, and otherwise none with
-    a ``:`` or an ``@`` (a URL's ``user:password@``). One-character fragments
-    (``missing "=" after``) are kept.
-    """
-    everywhere = _may_hold_secret(dsn)
-    if '"' in unquote(dsn) and (everywhere or _URL_SIGNS.search(dsn)):
-        # Quotes of the DSN's own would blur where libpq's fragments end.
-        kind = message.partition('"')[0].rstrip(' :"')
-        return f"{kind} (the rest is left out: it may quote a password)"
-
-    def shown(match: re.Match[str]) -> str:
-        fragment = match[0]
-        if len(fragment) <= 3 or not (everywhere or _URL_SIGNS.search(fragment)):
-            return fragment
-        return '"***"'
-
-    return _QUOTED_FRAGMENT.sub(shown, message)
-
-
-def _may_hold_secret(dsn: str) -> bool:
-    """Whether *dsn* may spell a secret: a secret keyword, or a URL with a colon (``u:pw@``)."""
-    _, url, rest = dsn.partition("://")
-    return _has_secret_keyword(dsn) or (bool(url) and ":" in rest)
-
-
-def _may_be_secret(dsn: str, key: str) -> bool:
-    """Whether libpq may have read a misplaced password in *dsn* as the value of *key*."""
-    if _has_secret_keyword(dsn):
-        return True
-    _, url, rest = dsn.partition("://")
-    if not url:
-        return False
-    userinfo, at, _ = rest.rpartition("@")
-    # "user:pass/word@host" is read as host, port and dbname; "user:password"
-    # with "@host" forgotten as "host:port".
-    return ":" in userinfo if at else key == "port"
-
-
-def _has_secret_keyword(dsn: str) -> bool:
-    # %-decoded: a URL's query may spell "pass%77ord".
-    return any(is_secret_key(word) for word in re.findall(r"\w+", unquote(dsn)))
 
 
 def _float_or_text(text: object) -> object:
