@@ -49,6 +49,8 @@ INNER_OPTIONS = (
     "no:cacheprovider",
     "-W",
     "error",
+    # No short summary: under CI it repeats each message in full, elsewhere cut.
+    "-rN",
 )
 
 INNER_FIXTURES = """
