@@ -151,6 +151,7 @@ def test_plain_tcp_still_works_on_a_tls_server(tls_server: PostgresServer) -> No
 # --- sslmode that succeeds --------------------------------------------------------
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize(
     ("sslmode", "host"),
     [("require", "127.0.0.1"), ("verify-ca", "127.0.0.1"), ("verify-full", "localhost")],
@@ -183,6 +184,7 @@ async def test_sslmode_connects_encrypted_and_the_report_shows_the_protocol(
 # --- sslmode that fails -----------------------------------------------------------
 
 
+@pytest.mark.matrix
 async def test_a_server_certificate_from_another_ca_cannot_be_verified(
     tls_server: PostgresServer, tls_files: TLSFiles
 ) -> None:
@@ -194,6 +196,7 @@ async def test_a_server_certificate_from_another_ca_cannot_be_verified(
     assert "the server's certificate could not be verified: set sslrootcert" in message
 
 
+@pytest.mark.matrix
 async def test_verify_full_to_a_name_the_certificate_lacks_names_the_mismatch(
     tls_server: PostgresServer, tls_files: TLSFiles
 ) -> None:
@@ -231,6 +234,7 @@ async def test_sslmode_require_against_a_server_without_tls_is_a_tls_error(
 # --- client certificates ----------------------------------------------------------
 
 
+@pytest.mark.matrix
 async def test_a_client_certificate_logs_in_its_role(
     tls_server: PostgresServer, tls_files: TLSFiles
 ) -> None:
@@ -251,6 +255,7 @@ async def test_a_client_certificate_logs_in_its_role(
     assert client_dn == f"/CN={CERT_USER}"
 
 
+@pytest.mark.matrix
 async def test_a_cert_role_without_a_client_certificate_is_refused_clearly(
     tls_server: PostgresServer, tmp_path: Path
 ) -> None:
