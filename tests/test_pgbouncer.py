@@ -12,7 +12,7 @@ import pytest
 
 import pgsd
 from pgsd.testing import PgBouncer, PostgresServer
-from support import unique_name
+from support import server_connections, unique_name
 
 pytestmark = pytest.mark.anyio
 
@@ -71,22 +71,6 @@ async def open_pool(
         yield pool
     stats = pool.stats()
     assert stats.size == stats.idle + stats.in_use == 0
-
-
-async def server_backends(server: PostgresServer, application_name: str) -> int:
-    """Server connections that served clients of this name, counted on the server itself.
-
-    PgBouncer sets each server connection's application_name to that of
-    the client it serves.
-    """
-    async with await pgsd.connect(server.dsn()) as observer:
-        cur = await observer.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-            [application_name],
-        )
-        row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 async def running_queries(server: PostgresServer, account: Account, text: str) -> int:
@@ -281,7 +265,8 @@ async def test_transaction_mode_serves_many_clients_over_fewer_server_connection
             async def sampler(done: anyio.Event) -> None:
                 while not done.is_set() and len(backends) < 200:
                     pool_rows.append(await anyio.to_thread.run_sync(pool_row, bouncer, account))
-                    backends.append(await server_backends(pg_server, config.application_name))
+                    # PgBouncer gives each server connection its client's application_name.
+                    backends.append(await server_connections(pg_server, config.application_name))
 
             done = anyio.Event()
             with anyio.fail_after(60):

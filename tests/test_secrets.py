@@ -18,7 +18,6 @@ import subprocess
 import traceback
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import anyio
@@ -27,7 +26,7 @@ from psycopg.conninfo import make_conninfo
 
 import pgsd
 from pgsd.testing import FaultProxy, PostgresServer, free_port
-from support import clean_env, run_pgsd, unique_name
+from support import clean_env, db_config, run_pgsd, unique_name
 
 pytestmark = pytest.mark.anyio
 
@@ -96,15 +95,10 @@ def keeper(pg_server: PostgresServer) -> Iterator[str]:
     pg_server.execute(f'DROP ROLE "{name}"')
 
 
-def url(server: PostgresServer, user: str, password: str, dbname: str = "postgres") -> str:
+def url(
+    server: PostgresServer | FaultProxy, user: str, password: str, dbname: str = "postgres"
+) -> str:
     return f"postgresql://{user}:{quote(password, safe='')}@{server.host}:{server.port}/{dbname}"
-
-
-def config(
-    server: PostgresServer, user: str, password: str | None, **kw: Any
-) -> pgsd.DatabaseConfig:
-    base = {"host": server.host, "port": server.port, "dbname": "postgres", "user": user}
-    return pgsd.DatabaseConfig(**{**base, **kw}, password=password)
 
 
 @pytest.fixture
@@ -156,7 +150,7 @@ async def test_a_wrong_password_in_any_form(
     targets: list[str | pgsd.DatabaseConfig] = [
         url(pg_server, keeper, wrong),
         make_conninfo(pg_server.dsn(user=keeper, password=wrong)),
-        config(pg_server, keeper, wrong),
+        db_config(pg_server, user=keeper, password=wrong),
     ]
     for target in targets:
         with pytest.raises(pgsd.AuthenticationError) as info:
@@ -170,7 +164,7 @@ async def test_an_unknown_database_with_the_right_password(
 ) -> None:
     for target in (
         url(pg_server, keeper, SECRET, dbname="no_such_db"),
-        config(pg_server, keeper, SECRET, dbname="no_such_db"),
+        db_config(pg_server, user=keeper, password=SECRET, dbname="no_such_db"),
     ):
         with pytest.raises(pgsd.DatabaseNotFound) as info:
             await pgsd.connect(target)
@@ -187,14 +181,10 @@ async def test_tls_required_by_a_server_without_it(
 
 
 async def test_a_connect_timeout(blackhole: FaultProxy, keeper: str, scan: Scan) -> None:
-    target = f"{url_to(blackhole, keeper)}?connect_timeout=1"
+    target = f"{url(blackhole, keeper, SECRET)}?connect_timeout=1"
     with anyio.fail_after(10), pytest.raises(pgsd.ConnectTimeout) as info:
         await pgsd.connect(target)
     scan.error("connect timeout", info.value)
-
-
-def url_to(proxy: FaultProxy, user: str) -> str:
-    return f"postgresql://{user}:{quote(SECRET, safe='')}@{proxy.host}:{proxy.port}/postgres"
 
 
 async def test_unparsable_dsns(scan: Scan) -> None:
@@ -225,7 +215,7 @@ async def test_a_pool_that_cannot_log_in(
     pg_server: PostgresServer, keeper: str, scan: Scan
 ) -> None:
     downs: list[BaseException | None] = []
-    database = config(pg_server, keeper, SECRET + "-not")
+    database = db_config(pg_server, user=keeper, password=SECRET + "-not")
     pool_config = pgsd.PoolConfig(min_size=1, acquire_timeout=5)
     async with pgsd.ConnectionPool(
         database, pool_config, on_down=lambda name, err: downs.append(err)
@@ -251,7 +241,7 @@ async def test_a_pool_that_cannot_log_in(
 async def test_a_pool_timing_out_on_a_silent_server(
     blackhole: FaultProxy, keeper: str, scan: Scan
 ) -> None:
-    database = pgsd.DatabaseConfig.from_dsn(url_to(blackhole, keeper), connect_timeout=0.5)
+    database = pgsd.DatabaseConfig.from_dsn(url(blackhole, keeper, SECRET), connect_timeout=0.5)
     pool_config = pgsd.PoolConfig(min_size=1, acquire_timeout=1.5, reconnect_max=0.2)
     async with pgsd.ConnectionPool(database, pool_config) as pool:
         with anyio.fail_after(10), pytest.raises(pgsd.PoolTimeout) as info:
@@ -265,10 +255,12 @@ async def test_reports_of_every_kind_of_database(
     pg_server: PostgresServer, keeper: str, scan: Scan
 ) -> None:
     databases = {
-        "good": config(pg_server, keeper, SECRET),
-        "wrong_password": config(pg_server, keeper, SECRET + "-not"),
-        "no_database": config(pg_server, keeper, SECRET, dbname="no_such_db"),
-        "gone": config(pg_server, keeper, SECRET, port=free_port(), connect_timeout=1),
+        "good": db_config(pg_server, user=keeper, password=SECRET),
+        "wrong_password": db_config(pg_server, user=keeper, password=SECRET + "-not"),
+        "no_database": db_config(pg_server, user=keeper, password=SECRET, dbname="no_such_db"),
+        "gone": db_config(
+            pg_server, user=keeper, password=SECRET, port=free_port(), connect_timeout=1
+        ),
     }
     connector_config = pgsd.ConnectorConfig(
         databases=databases, pool=pgsd.PoolConfig(acquire_timeout=3)
@@ -382,7 +374,9 @@ def passfile(tmp_path: Path, server: PostgresServer, user: str) -> Path:
 async def test_password_from_a_passfile(
     pg_server: PostgresServer, keeper: str, tmp_path: Path, scan: Scan
 ) -> None:
-    database = config(pg_server, keeper, None, passfile=str(passfile(tmp_path, pg_server, keeper)))
+    database = db_config(
+        pg_server, user=keeper, password=None, passfile=str(passfile(tmp_path, pg_server, keeper))
+    )
     scan.add("config", repr(database))
     async with await pgsd.connect(database) as conn:
         cur = await conn.execute("SELECT current_user")
@@ -417,7 +411,7 @@ async def test_password_from_pgpassword(
     pg_server: PostgresServer, keeper: str, monkeypatch: pytest.MonkeyPatch, scan: Scan
 ) -> None:
     monkeypatch.setenv("PGPASSWORD", SECRET)
-    database = config(pg_server, keeper, None)
+    database = db_config(pg_server, user=keeper, password=None)
     async with await pgsd.connect(database) as conn:
         scan.add("connection", repr(conn))
     monkeypatch.setenv("PGPASSWORD", SECRET + "-not")

@@ -676,9 +676,7 @@ class ConnectionPool:
         size = len(self._entries)
         if size + self._opening >= self._max_size or self._closed or self._task_group is None:
             return  # full (the usual case under load), closed, or not open
-        demand = size - len(self._idle) + self._waiting
-        target = max(self._min_size, min(self._max_size, demand))
-        missing = min(target, self._max_size) - size - self._opening
+        missing = self._wanted_size() - size - self._opening
         if self._state == "down":
             # One attempt at a time while the server is away, with backoff.
             missing = min(missing, 1 - self._opening)
@@ -686,13 +684,16 @@ class ConnectionPool:
             self._opening += 1
             self._task_group.start_soon(self._open_connection)
 
+    def _wanted_size(self) -> int:
+        """The connections the demand (lent and waited for) and ``min_size`` call for."""
+        demand = len(self._entries) - len(self._idle) + self._waiting
+        return max(self._min_size, min(self._max_size, demand))
+
     def _still_wanted(self) -> bool:
         """Whether an attempt under way is still needed (counting itself)."""
         if self._closed:
             return False
-        size = len(self._entries)
-        demand = size - len(self._idle) + self._waiting
-        return size + self._opening <= max(self._min_size, min(self._max_size, demand))
+        return len(self._entries) + self._opening <= self._wanted_size()
 
     async def _open_connection(self) -> None:
         """Open one connection, retrying with backoff while it is wanted."""
