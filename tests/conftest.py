@@ -12,6 +12,9 @@ import pgsd
 from pgsd.testing import PostgresServer
 from support import CLOSE_WAIT, BackendKey, ServerBackends, collect_garbage
 
+#: A role that logs in with a password (SCRAM) on the TLS servers.
+PASSWORD_USER = "pgsd_password_user"
+
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
@@ -23,6 +26,39 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 def pg_server() -> Iterator[PostgresServer]:
     """The session's server: the newest installed, or PGSD_TEST_PG's major."""
     with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tls_server() -> Iterator[PostgresServer]:
+    """A server with TLS on whose roles log in with SCRAM, with or without TLS.
+
+    libpq's default ``sslmode=prefer`` connects over TLS here; a wrong
+    password fails over TLS and again without it, on a second socket, within
+    one attempt.
+    """
+    with PostgresServer(tls=True) as server:
+        server.create_role(PASSWORD_USER)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tls_nossl_server() -> Iterator[PostgresServer]:
+    """A server with TLS on whose ``pg_hba.conf`` admits connections without TLS only.
+
+    libpq's default ``sslmode=prefer`` is refused over TLS and must retry
+    without it on a new socket, within the same attempt.
+    """
+    with PostgresServer(tls=True, hba="hostnossl") as server:
+        server.create_role(PASSWORD_USER)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tls_only_server() -> Iterator[PostgresServer]:
+    """A server whose ``pg_hba.conf`` admits connections over TLS only."""
+    with PostgresServer(tls=True, hba="hostssl") as server:
+        server.create_role(PASSWORD_USER)
         yield server
 
 

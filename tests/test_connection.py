@@ -354,6 +354,36 @@ def test_psycopg_internals_used_are_present() -> None:
     assert params == ["self", "gen", "interval", "timeout"]
 
 
+def test_psycopg_queued_copy_writer_uses_the_helpers_pgsd_replaces() -> None:
+    from psycopg import _copy_async
+    from psycopg.copy import AsyncQueuedLibpqWriter
+
+    from pgsd._backend import PSYCOPG_COPY_SHIMS
+
+    # Installed when pgsd is imported, each delegating to psycopg's own on asyncio.
+    assert getattr(_copy_async.aspawn, "_pgsd_shim", False)
+    # The writer still starts, joins and feeds its worker through these names
+    # (looked up in its module at call time); if psycopg moves to others, the
+    # queued writer breaks on trio and this says where to look.
+    sources = {
+        "AQueue": inspect.getsource(AsyncQueuedLibpqWriter.__init__),
+        "aspawn": inspect.getsource(AsyncQueuedLibpqWriter.write),
+        "agather": inspect.getsource(AsyncQueuedLibpqWriter.finish),
+    }
+    assert set(sources) == set(PSYCOPG_COPY_SHIMS)
+    for name, source in sources.items():
+        assert f"{name}(" in source, f"psycopg's queued COPY writer no longer calls {name}()"
+
+
+def test_pgsd_connect_takes_the_options_psycopg_connect_takes() -> None:
+    theirs = inspect.signature(psycopg.AsyncConnection.connect).parameters
+    ours = inspect.signature(pgsd.Connection.connect).parameters
+    assert list(ours) == list(theirs)
+    for name, parameter in theirs.items():
+        assert ours[name].kind == parameter.kind, name
+        assert ours[name].default == parameter.default, name
+
+
 async def test_psycopg_connection_attributes_used_are_present(pg_server: PostgresServer) -> None:
     from pgsd._connection import PSYCOPG_CONNECTION_ATTRIBUTES
 

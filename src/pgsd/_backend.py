@@ -7,6 +7,7 @@ generic ones cost too much on the hot path:
 * a clock (``loop.time`` / ``trio.current_time``, without anyio's dispatch);
 * a one-shot wake-up (a future on asyncio, a task reschedule on trio), far
   cheaper than an ``anyio.Event``: the pool makes one per handover;
+* a lock any task may release (psycopg's connection lock, see `Lock`);
 * a socket wait. On asyncio, registering and removing a reader around every
   wait costs two ``epoll_ctl`` calls and the selector's bookkeeping, so the
   reader stays registered while the connection lives; it is removed when
@@ -14,19 +15,30 @@ generic ones cost too much on the hot path:
   connection closes, and when libpq closes the socket by itself (a broken
   connection): a stale registration would make asyncio skip registering the
   next socket that reuses the number, and a wait on it would never end.
+
+psycopg's queued COPY writer (``psycopg.copy.AsyncQueuedLibpqWriter``)
+starts its worker with ``asyncio.create_task`` and queues through an
+``asyncio.Queue``: `install_psycopg_shims` gives the module that holds it
+versions of those three names that do exactly what psycopg's do under
+asyncio and the same with trio's primitives under trio.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
+import math
 import weakref
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections import deque
+from collections.abc import Callable, Coroutine
+from types import TracebackType
+from typing import Any, Final, Protocol
 
 import sniffio
+from anyio.lowlevel import checkpoint_if_cancelled
 
-__all__ = ["Backend", "FdWaiter", "Waker", "current_backend"]
+__all__ = ["Backend", "FdWaiter", "Lock", "Waker", "current_backend", "install_psycopg_shims"]
 
 
 class Waker(Protocol):
@@ -204,6 +216,7 @@ def _asyncio_backend() -> _AsyncioBackend:
 # -- trio ------------------------------------------------------------------------
 
 _trio_lowlevel: Any = None  # trio.lowlevel, set when the trio backend is first used
+_trio_closed_error: Any = None  # trio.ClosedResourceError, likewise
 
 
 class _TrioWaker:
@@ -240,11 +253,20 @@ class _TrioFdWaiter:
         self._fileno = fileno
         self._lowlevel = _trio_lowlevel
 
+    # trio wakes a task whose socket another task closes (close() below) with
+    # trio.ClosedResourceError; the protocol promises OSError, as on asyncio.
+
     async def readable(self) -> None:
-        await self._lowlevel.wait_readable(self._fileno)
+        try:
+            await self._lowlevel.wait_readable(self._fileno)
+        except _trio_closed_error as ex:
+            raise _closed_error() from ex
 
     async def writable(self) -> None:
-        await self._lowlevel.wait_writable(self._fileno)
+        try:
+            await self._lowlevel.wait_writable(self._fileno)
+        except _trio_closed_error as ex:
+            raise _closed_error() from ex
 
     def close(self) -> None:
         self._lowlevel.notify_closing(self._fileno)
@@ -257,10 +279,11 @@ class _TrioBackend:
     name = "trio"
 
     def __init__(self) -> None:
-        global _trio_lowlevel
+        global _trio_closed_error, _trio_lowlevel
         import trio  # only when trio runs: it is an optional dependency
 
         _trio_lowlevel = trio.lowlevel
+        _trio_closed_error = trio.ClosedResourceError
         self.time = trio.current_time
         self._checkpoint = trio.lowlevel.checkpoint
 
@@ -292,3 +315,180 @@ def current_backend() -> Backend:
             _trio_backend = _TrioBackend()
         return _trio_backend
     raise RuntimeError(f"pgsd runs under asyncio or trio, not {library}")
+
+
+# -- the connection lock ---------------------------------------------------------
+
+
+class Lock:
+    """A FIFO lock that any task may release: what psycopg expects of its connection lock.
+
+    psycopg guards each connection with an ``asyncio.Lock``, which breaks
+    under trio once contended. anyio's lock runs on both, but remembers its
+    owner: it refuses a release from another task and raises when its owner
+    acquires it again. psycopg relies on neither: an async generator
+    abandoned while it holds the lock (a ``cursor.stream()`` left early) is
+    finalized, and releases the lock, in another task, possibly while the
+    task that abandoned it is already waiting to acquire it again.
+
+    Uncontended, acquiring does not wait or let other tasks run (as
+    asyncio's lock); it only raises if the caller's scope is already
+    cancelled, as anyio's lock does, so that nothing is sent to the server
+    on behalf of a caller that is already cancelled. Contended, the lock is
+    handed to the longest waiter.
+    """
+
+    __slots__ = ("_locked", "_waiters")
+
+    def __init__(self) -> None:
+        self._locked = False
+        self._waiters: deque[Waker] = deque()
+
+    def locked(self) -> bool:
+        """Whether some task holds the lock."""
+        return self._locked
+
+    async def acquire(self) -> bool:
+        """Acquire the lock, waiting in line if it is held; cancellable while waiting."""
+        if not self._locked:
+            await checkpoint_if_cancelled()
+            self._locked = True
+            return True
+        waker = current_backend().waker()
+        self._waiters.append(waker)
+        try:
+            await waker.wait()
+        except BaseException:
+            try:
+                self._waiters.remove(waker)
+            except ValueError:
+                # Handed over just as the wait was cancelled: pass it on.
+                self.release()
+            raise
+        return True
+
+    def release(self) -> None:
+        """Release the lock, handing it to the longest waiter if there is one.
+
+        Raises:
+            RuntimeError: the lock is not held.
+        """
+        if not self._locked:
+            raise RuntimeError("the lock is not held")
+        if self._waiters:
+            self._waiters.popleft().set()  # ownership passes with the wake-up
+        else:
+            self._locked = False
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+# -- psycopg's asyncio-only helpers, made to run on trio too --------------------
+
+#: The names in ``psycopg._copy_async`` that `install_psycopg_shims` replaces.
+PSYCOPG_COPY_SHIMS: Final = ("aspawn", "agather", "AQueue")
+
+
+class _TrioQueue:
+    """The part of ``asyncio.Queue`` psycopg's queued COPY writer uses, on trio."""
+
+    def __init__(self, maxsize: int = 0) -> None:
+        import trio
+
+        self._send, self._receive = trio.open_memory_channel[Any](maxsize or math.inf)
+
+    async def put(self, item: Any) -> None:
+        await self._send.send(item)
+
+    async def get(self) -> Any:
+        return await self._receive.receive()
+
+
+class _TrioWorker:
+    """A task started without a nursery, as ``asyncio.create_task`` starts one, on trio.
+
+    It runs as a trio system task, in a copy of its creator's context (as
+    asyncio's tasks do); its outcome is kept for `join`, as asyncio keeps a
+    task's, instead of crashing the run.
+    """
+
+    def __init__(self, coro: Coroutine[Any, Any, None], name: str | None) -> None:
+        import trio
+
+        self._done = trio.Event()
+        self._error: BaseException | None = None
+        trio.lowlevel.spawn_system_task(
+            self._run, coro, name=name, context=contextvars.copy_context()
+        )
+
+    async def _run(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            await coro
+        except BaseException as ex:  # noqa: ASYNC103 (kept for join(), as asyncio keeps a task's outcome)
+            self._error = ex
+        finally:
+            self._done.set()
+
+    async def join(self) -> None:
+        await self._done.wait()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def _running_trio() -> bool:
+    try:
+        return sniffio.current_async_library() == "trio"
+    except sniffio.AsyncLibraryNotFoundError:
+        return False
+
+
+def install_psycopg_shims() -> None:
+    """Let psycopg's queued COPY writer run on trio; under asyncio nothing changes.
+
+    The replacements call psycopg's own helpers whenever trio is not the
+    running library, so psycopg behaves exactly as before for every caller
+    on asyncio, pgsd's or not. Idempotent.
+    """
+    from psycopg import _copy_async as module
+
+    copy_async: Any = module
+    if getattr(copy_async.aspawn, "_pgsd_shim", False):
+        return
+    spawn, gather, queue = copy_async.aspawn, copy_async.agather, copy_async.AQueue
+
+    def aspawn(
+        f: Callable[..., Coroutine[Any, Any, None]],
+        args: tuple[Any, ...] = (),
+        name: str | None = None,
+    ) -> Any:
+        if _running_trio():
+            return _TrioWorker(f(*args), name)
+        return spawn(f, args, name)
+
+    async def agather(*tasks: Any, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        if not any(isinstance(task, _TrioWorker) for task in tasks):
+            await gather(*tasks, timeout=timeout)
+            return
+        import trio
+
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            for task in tasks:
+                await task.join()
+
+    def aqueue(maxsize: int = 0) -> Any:
+        return _TrioQueue(maxsize) if _running_trio() else queue(maxsize)
+
+    aspawn._pgsd_shim = True  # type: ignore[attr-defined]
+    copy_async.aspawn = aspawn
+    copy_async.agather = agather
+    copy_async.AQueue = aqueue

@@ -24,10 +24,13 @@ checks that each internal is still there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import select
 import socket
+import warnings
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -36,21 +39,38 @@ from typing import Any, Final, TypeVar, overload
 import anyio
 import psycopg
 from psycopg import errors as e
-from psycopg import pq
+from psycopg import generators, pq
 from psycopg._capabilities import capabilities
-from psycopg._conninfo_utils import get_param, is_ip_address, split_attempts
+from psycopg._conninfo_utils import (
+    get_param,
+    get_param_def,
+    gssapi_requested,
+    is_ip_address,
+    split_attempts,
+)
+from psycopg._encodings import conninfo_encoding
 from psycopg.abc import PQGen, PQGenConn
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import AsyncRowFactory, Row, TupleRow
+from psycopg.transaction import OutOfOrderTransactionNesting
 from psycopg.waiting import Ready, Wait
 
-from ._backend import FdWaiter, current_backend
+from ._backend import FdWaiter, Lock, current_backend, install_psycopg_shims
 from ._config import DatabaseConfig
 from ._errors import connect_error_from, redact
 
-__all__ = ["PSYCOPG_CONNECTION_ATTRIBUTES", "PSYCOPG_INTERNALS", "Connection", "connect"]
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "PSYCOPG_CONNECTION_ATTRIBUTES",
+    "PSYCOPG_INTERNALS",
+    "Connection",
+    "attempt_timeout",
+    "connect",
+]
 
 logger = logging.getLogger("pgsd.connection")
+
+install_psycopg_shims()
 
 RV = TypeVar("RV")
 
@@ -64,25 +84,45 @@ _POLL_READING: Final = pq.PollingStatus.READING
 _POLL_WRITING: Final = pq.PollingStatus.WRITING
 _POLL_FAILED: Final = pq.PollingStatus.FAILED
 _BAD: Final = pq.ConnStatus.BAD
+_COPY_STATES: Final = frozenset(
+    (pq.ExecStatus.COPY_IN, pq.ExecStatus.COPY_OUT, pq.ExecStatus.COPY_BOTH)
+)
 
 #: Seconds a cancelled query may take to stop before its connection is closed.
 DEFAULT_CANCEL_GRACE: Final = 2.0
+#: Seconds per connection attempt when ``connect_timeout`` sets none (psycopg: 130).
+DEFAULT_CONNECT_TIMEOUT: Final = 30.0
+# libpq rounds any connect_timeout below 2 s up to 2 s.
+_LIBPQ_MIN_TIMEOUT: Final = 2
 
 #: The psycopg internals this module uses, checked by the test suite.
 PSYCOPG_INTERNALS: Final = (
     "psycopg.AsyncConnection.wait",
     "psycopg.AsyncConnection._should_cancel",
+    "psycopg.AsyncConnection._get_connection_params",
     "psycopg.AsyncTransaction.__aexit__",
+    "psycopg.transaction.OutOfOrderTransactionNesting",
     "psycopg.pq.PGconn.connect_start",
     "psycopg.pq.PGconn.connect_poll",
     "psycopg.pq.PGconn.cancel_conn",
+    "psycopg.pq.PGconn.used_gssapi",
+    "psycopg.pq.PGconn.pipeline_status",
     "psycopg.errors._WaitTimeout",
+    "psycopg.generators.fetch_many",
+    "psycopg._encodings.conninfo_encoding",
     "psycopg._conninfo_utils.split_attempts",
     "psycopg._conninfo_utils.get_param",
+    "psycopg._conninfo_utils.get_param_def",
+    "psycopg._conninfo_utils.gssapi_requested",
     "psycopg._conninfo_utils.is_ip_address",
     "psycopg._capabilities.capabilities.has_cancel_safe",
+    "psycopg._capabilities.capabilities.has_used_gssapi",
     "psycopg.waiting.Wait",
     "psycopg.waiting.Ready",
+    # Replaced by pgsd._backend.install_psycopg_shims for the queued COPY writer.
+    "psycopg._copy_async.aspawn",
+    "psycopg._copy_async.agather",
+    "psycopg._copy_async.AQueue",
 )
 #: Attributes psycopg sets on each connection that this module reads or replaces.
 PSYCOPG_CONNECTION_ATTRIBUTES: Final = ("lock", "_autocommit", "_adapters", "_closed", "_pipeline")
@@ -112,9 +152,13 @@ async def _wait_either(waiter: FdWaiter) -> int:
         result |= flag
         scope.cancel()
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(wait, waiter.readable, _READY_R, tg.cancel_scope)
-        tg.start_soon(wait, waiter.writable, _READY_W, tg.cancel_scope)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait, waiter.readable, _READY_R, tg.cancel_scope)
+            tg.start_soon(wait, waiter.writable, _READY_W, tg.cancel_scope)
+    except* OSError as group:
+        # The socket was closed under both waits: one error, as a single wait gives.
+        raise group.exceptions[0] from None  # noqa: ASYNC123 (an OSError is all it says)
     return result
 
 
@@ -165,40 +209,76 @@ class _Driver:
             raise e.OperationalError("connection socket closed") from ex
 
 
-async def _drive_conn(gen: PQGenConn[RV]) -> RV:
-    """Drive a generator that names its own socket (connect, cancel)."""
+async def _drive_conn(gen: PQGenConn[RV], timeout: float | None = None) -> RV:  # noqa: ASYNC109
+    """Drive a generator that names its own socket (connect, cancel).
+
+    Each wait registers the socket afresh and drops the registration when it
+    ends: within one attempt libpq may close its socket and open another
+    (``sslmode=prefer`` or ``allow`` and ``gssencmode=prefer`` retry on a new
+    socket when the server refuses the first try), usually under the same
+    number, and a registration kept across that would watch a socket that no
+    longer exists.
+
+    Raises:
+        psycopg.errors._WaitTimeout: ``timeout`` seconds passed first.
+    """
     backend = current_backend()
-    waiter: FdWaiter | None = None
-    last = -1
+    deadline = None if timeout is None else backend.time() + timeout
     try:
         fileno, state = next(gen)
         while True:
-            if fileno != last:
-                if waiter is not None:
-                    waiter.forget()
-                waiter, last = backend.fd_waiter(fileno), fileno
-            assert waiter is not None
-            ready = await _wait_fd(waiter, fileno, state)
+            waiter = backend.fd_waiter(fileno)
+            try:
+                if deadline is None:
+                    ready = await _wait_fd(waiter, fileno, state)
+                else:
+                    ready = await _wait_fd_until(backend.time, deadline, waiter, fileno, state)
+            finally:
+                waiter.forget()
             fileno, state = gen.send(ready)
     except StopIteration as ex:
         rv: RV = ex.value
         return rv
     except OSError as ex:
         raise e.OperationalError("connection socket closed") from ex
-    finally:
-        # The generator may have closed the socket (a failed attempt, the end
-        # of a cancel request): drop any registration with it.
-        if waiter is not None:
-            waiter.forget()
+
+
+#: The longest single timer of a bounded wait. A timer outlives a wait that
+#: ends early (asyncio and trio both drop cancelled timers lazily), so a
+#: bounded wait is made of short ones: a connect that has returned leaves no
+#: timer behind for longer than this, whatever its ``connect_timeout``.
+_WAIT_SLICE: Final = 0.1
+
+
+async def _wait_fd_until(
+    clock: Callable[[], float], deadline: float, waiter: FdWaiter, fileno: int, state: int
+) -> int:
+    """`_wait_fd`, giving up at ``deadline``.
+
+    Raises:
+        psycopg.errors._WaitTimeout: the deadline passed first.
+    """
+    while True:
+        remaining = deadline - clock()
+        if remaining <= 0:
+            raise e._WaitTimeout("wait timeout expired")
+        with anyio.move_on_after(min(_WAIT_SLICE, remaining)):
+            return await _wait_fd(waiter, fileno, state)
 
 
 def _connect_gen(pgconn: pq.abc.PGconn, conninfo: str) -> PQGenConn[None]:
-    """libpq's non-blocking connect, the caller owning ``pgconn``."""
+    """libpq's non-blocking connect, as psycopg's, except that the caller owns ``pgconn``.
+
+    psycopg's generator makes its PGconn itself and leaves it to the garbage
+    collector when abandoned (a timeout); here the caller finishes it at
+    once. psycopg's errors carry a copy of the failed PGconn's parameters,
+    password included; these carry the PGconn itself, which the caller
+    finishes, so the error holds no secret.
+    """
     while True:
         if pgconn.status == _BAD:
-            raise e.OperationalError(
-                f"connection is bad: {pgconn.get_error_message()}", pgconn=pgconn
-            )
+            message = pgconn.get_error_message(conninfo_encoding(conninfo))
+            raise e.OperationalError(f"connection is bad: {message}", pgconn=pgconn)
         status = pgconn.connect_poll()
         if status == _POLL_OK:
             break
@@ -207,9 +287,8 @@ def _connect_gen(pgconn: pq.abc.PGconn, conninfo: str) -> PQGenConn[None]:
             while not (yield pgconn.socket, wait):
                 pass
         elif status == _POLL_FAILED:
-            raise e.OperationalError(
-                f"connection failed: {pgconn.get_error_message()}", pgconn=pgconn
-            )
+            message = pgconn.get_error_message(conninfo_encoding(conninfo))
+            raise e.OperationalError(f"connection failed: {message}", pgconn=pgconn)
         else:
             raise e.InternalError(f"unexpected poll status: {status}", pgconn=pgconn)
     pgconn.nonblocking = 1
@@ -235,32 +314,40 @@ def _cancel_gen(pgconn: pq.abc.PGconn) -> PQGenConn[None]:
 
 
 async def _resolve(attempt: dict[str, Any]) -> list[dict[str, Any]]:
-    """Resolve ``host`` into ``hostaddr`` with anyio, one attempt per address."""
+    """Resolve ``host`` into ``hostaddr`` with anyio, one attempt per address (as psycopg)."""
     host = get_param(attempt, "host")
     if not host or host.startswith("/") or host[1:2] == ":" or get_param(attempt, "hostaddr"):
         return [attempt]
     if is_ip_address(host):
         return [{**attempt, "hostaddr": host}]
-    port = get_param(attempt, "port") or "5432"
+    port = get_param(attempt, "port")
+    if not port:
+        port_def = get_param_def("port")
+        port = (port_def and port_def.compiled) or "5432"
     infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     return [{**attempt, "hostaddr": str(info[4][0])} for info in infos]
 
 
 async def _attempts(params: dict[str, Any]) -> list[dict[str, Any]]:
-    """One connection attempt per host and address, in libpq's order."""
+    """One connection attempt per host and address, in libpq's order (as psycopg).
+
+    Raises:
+        psycopg.OperationalError: no host could be resolved.
+    """
     prefer_standby = get_param(params, "target_session_attrs") == "prefer-standby"
     if prefer_standby:
         params = {k: v for k, v in params.items() if k != "target_session_attrs"}
     attempts: list[dict[str, Any]] = []
-    last_error: OSError | None = None
+    last_error: e.OperationalError | None = None
     for attempt in split_attempts(params):
         try:
             attempts.extend(await _resolve(attempt))
         except OSError as ex:
-            last_error = ex
-            logger.debug("could not resolve host %r: %s", attempt.get("host"), ex)
+            last_error = e.OperationalError(f"failed to resolve host {attempt.get('host')!r}: {ex}")
+            logger.debug("%s", last_error)
     if not attempts:
-        raise e.OperationalError(f"could not translate host name to address: {last_error}")
+        assert last_error is not None
+        raise last_error
     if get_param(params, "load_balance_hosts") == "random":
         random.shuffle(attempts)
     if prefer_standby:
@@ -270,22 +357,87 @@ async def _attempts(params: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _describe(attempt: dict[str, Any]) -> str:
-    return f"host {attempt.get('host')!r} port {attempt.get('port')!r}"
+    host, port, hostaddr = attempt.get("host"), attempt.get("port"), attempt.get("hostaddr")
+    return f"host: {host!r}, port: {port!r}, hostaddr: {hostaddr!r}"
+
+
+def attempt_timeout(params: dict[str, Any]) -> float:
+    """The seconds each attempt gets, from ``connect_timeout``, by psycopg's rules.
+
+    libpq's: whole seconds, at least 2; 0, a negative value or none at all
+    means libpq's unbounded wait, which psycopg (130 s) and pgsd
+    (`DEFAULT_CONNECT_TIMEOUT`) replace by a default. The value may be a
+    string, an int or a float, in the conninfo, a keyword or ``PGCONNECT_TIMEOUT``.
+
+    Raises:
+        psycopg.ProgrammingError: the value is not a number.
+    """
+    value = get_param(params, "connect_timeout")
+    if value is None:
+        return DEFAULT_CONNECT_TIMEOUT
+    try:
+        seconds = int(float(value))
+    except (TypeError, ValueError):
+        raise e.ProgrammingError(f"bad value for connect_timeout: {value!r}") from None
+    if seconds <= 0:
+        return DEFAULT_CONNECT_TIMEOUT
+    return float(max(seconds, _LIBPQ_MIN_TIMEOUT))
 
 
 async def _connect_one(conninfo: str, seconds: float) -> pq.abc.PGconn:
-    """One attempt, bounded by ``seconds``; the PGconn is never leaked."""
+    """One attempt, bounded by ``seconds``; the PGconn is never leaked.
+
+    Raises:
+        psycopg.errors.ConnectionTimeout: no connection within ``seconds``.
+        psycopg.OperationalError: the attempt failed.
+    """
     pgconn = pq.PGconn.connect_start(conninfo.encode())
     try:
-        with anyio.fail_after(seconds):
-            await _drive_conn(_connect_gen(pgconn, conninfo))
-    except TimeoutError:
+        await _drive_conn(_connect_gen(pgconn, conninfo), seconds)
+    except e._WaitTimeout:
         pgconn.finish()
         raise e.ConnectionTimeout("connection timeout expired") from None
     except BaseException:
         pgconn.finish()
         raise
     return pgconn
+
+
+async def _connect_pgconn(params: dict[str, Any], seconds: float) -> pq.abc.PGconn:
+    """Try every attempt in turn, each bounded by ``seconds``, as psycopg does.
+
+    Raises:
+        psycopg.OperationalError: no attempt succeeded (with several, the
+            message lists each one's failure, in psycopg's words).
+    """
+    errors: list[tuple[e.Error, str]] = []
+    for attempt in await _attempts(params):
+        descr = _describe(attempt)
+        logger.debug("connection attempt: %s", descr)
+        try:
+            pgconn = await _connect_one(make_conninfo("", **attempt), seconds)
+        except e.Error as ex:
+            logger.debug("connection failed: %s: %s", descr, redact(str(ex)))
+            errors.append((ex, descr))
+        else:
+            logger.debug("connection succeeded: %s", descr)
+            if (
+                capabilities.has_used_gssapi()
+                and pgconn.used_gssapi
+                and not gssapi_requested(params)
+            ):
+                warnings.warn(_GSSAPI_DEFAULT_WARNING, RuntimeWarning, stacklevel=3)
+            return pgconn
+    raise _combine(errors)
+
+
+# psycopg warns in the same case: the default that made GSSAPI happen is not
+# the same in every build of libpq.
+_GSSAPI_DEFAULT_WARNING: Final = (
+    "this connection uses GSSAPI only because of libpq's default"
+    " gssencmode=prefer, and some psycopg[binary] builds default to 'disable':"
+    " set gssencmode (or PGGSSENCMODE) to 'prefer' or 'require' to rely on it"
+)
 
 
 class Connection(psycopg.AsyncConnection[Row]):
@@ -311,61 +463,75 @@ class Connection(psycopg.AsyncConnection[Row]):
     # server that does not answer.
     _settle_later: bool = False
     _unsettled: tuple[_Driver, FdWaiter, int] | None = None
+    # Set when the lock was released with a query still running (see _lock_released).
+    _abandoned: bool = False
 
     def __init__(self, pgconn: pq.abc.PGconn, row_factory: Any = None) -> None:
         if row_factory is None:
             super().__init__(pgconn)
         else:
             super().__init__(pgconn, row_factory)
-        # psycopg's asyncio.Lock breaks under trio once contended.
-        self.lock = anyio.Lock(fast_acquire=True)  # type: ignore[assignment]
+        # psycopg's asyncio.Lock breaks under trio once contended; anyio's
+        # refuses what psycopg needs (see Lock).
+        self.lock = _ConnectionLock(self)  # type: ignore[assignment]
 
     @classmethod
-    async def connect(  # type: ignore[override]
+    async def connect(
         cls,
         conninfo: str = "",
         *,
         autocommit: bool = False,
         prepare_threshold: int | None = 5,
+        context: Any = None,
         row_factory: Any = None,
         cursor_factory: Any = None,
-        context: Any = None,
-        connect_timeout: float | None = None,
         **kwargs: Any,
     ) -> Connection[Any]:
         """Connect to a server: psycopg's ``connect()``, on either backend.
 
         Each host of a multi-host conninfo, and each address a host name
-        resolves to, is tried in turn; each attempt gets ``connect_timeout``
-        seconds (default: the conninfo's ``connect_timeout``, else 30).
+        resolves to, is tried in turn. Each attempt gets ``connect_timeout``
+        seconds, counted as libpq and psycopg count it (whole seconds, at
+        least 2; a string, an int or a float, in the conninfo or as a
+        keyword); without one, or with 0, `DEFAULT_CONNECT_TIMEOUT`.
 
         Raises:
             psycopg.OperationalError: no attempt succeeded (the message lists
                 each attempt's failure).
+            psycopg.ProgrammingError: ``connect_timeout`` is not a number.
         """
-        params = conninfo_to_dict(conninfo, **kwargs)
-        if connect_timeout is None:
-            connect_timeout = float(get_param(params, "connect_timeout") or 30.0)
-        errors: list[tuple[e.Error, str]] = []
-        pgconn: pq.abc.PGconn | None = None
-        for attempt in await _attempts(params):
-            descr = _describe(attempt)
-            try:
-                pgconn = await _connect_one(make_conninfo("", **attempt), connect_timeout)
-            except e.Error as ex:
-                logger.debug("connection attempt failed: %s: %s", descr, redact(str(ex)))
-                errors.append((ex, descr))
-            else:
-                break
-        if pgconn is None:
-            raise _combine(errors)
+        params = await cls._get_connection_params(conninfo, **kwargs)
+        return await cls._connect(
+            params,
+            attempt_timeout(params),
+            autocommit=autocommit,
+            prepare_threshold=prepare_threshold,
+            context=context,
+            row_factory=row_factory,
+            cursor_factory=cursor_factory,
+        )
+
+    @classmethod
+    async def _connect(
+        cls,
+        params: dict[str, Any],
+        seconds: float,
+        *,
+        autocommit: bool,
+        prepare_threshold: int | None,
+        context: Any,
+        row_factory: Any,
+        cursor_factory: Any,
+    ) -> Connection[Any]:
+        """`connect` with each attempt bounded by exactly ``seconds``."""
+        pgconn = await _connect_pgconn(params, seconds)
         rv: Connection[Any] = cls(pgconn)
         rv._autocommit = bool(autocommit)
-        if row_factory is not None:
+        if row_factory:
             rv.row_factory = row_factory
-        if cursor_factory is not None:
+        if cursor_factory:
             rv.cursor_factory = cursor_factory
-        if context is not None:
+        if context:
             rv._adapters = psycopg.adapt.AdaptersMap(context.adapters)
         rv.prepare_threshold = prepare_threshold
         return rv
@@ -428,14 +594,20 @@ class Connection(psycopg.AsyncConnection[Row]):
         waiter = self._fd_waiter
         if waiter is None:
             waiter = self._fd_waiter = current_backend().fd_waiter(fileno)
+        if self._abandoned:
+            self._abandoned = False
+            await self._settle_after_interrupt(None, waiter, fileno)  # shielded and bounded
+            if self.closed:
+                raise e.OperationalError(
+                    "the connection was closed: an abandoned query did not stop"
+                    f" within {self.cancel_grace:g} s"
+                )
         try:
             if timeout is None:
                 result: RV = await driver.run(waiter, fileno)
                 return result
-            with anyio.move_on_after(timeout):
-                result = await driver.run(waiter, fileno)
-                return result
-            raise e._WaitTimeout("wait timeout expired")
+            result = await self._wait_until(driver, waiter, fileno, timeout)
+            return result
         except (anyio.get_cancelled_exc_class(), KeyboardInterrupt):
             if self._abort_on_interrupt:
                 self._abort()
@@ -451,6 +623,43 @@ class Connection(psycopg.AsyncConnection[Row]):
                 self._fd_waiter = None
                 waiter.forget()
             raise
+
+    async def _wait_until(
+        self,
+        driver: _Driver,
+        waiter: FdWaiter,
+        fileno: int,
+        timeout: float,  # noqa: ASYNC109
+    ) -> Any:
+        """Drive ``driver`` for at most ``timeout`` seconds, as psycopg's ``wait_async``.
+
+        Like psycopg, the generator is given what the socket holds once more
+        when the time is up, so that data already there is processed and a
+        timeout of 0 polls once instead of returning nothing.
+
+        Raises:
+            psycopg.errors._WaitTimeout: not done in time.
+        """
+        clock = current_backend().time
+        deadline = clock() + timeout
+        gen = driver.gen
+        try:
+            state = next(gen) if driver.state is None else driver.state
+            while True:
+                driver.state = state
+                try:
+                    ready = await _wait_fd_until(clock, deadline, waiter, fileno, state)
+                except e._WaitTimeout:
+                    ready = _poll_ready(fileno, state)
+                    if not ready:
+                        raise
+                    state = gen.send(ready)
+                    raise
+                state = gen.send(ready)
+        except StopIteration as ex:
+            return ex.value
+        except OSError as ex:
+            raise e.OperationalError("connection socket closed") from ex
 
     async def ping(self, timeout: float = 5.0) -> float:  # noqa: ASYNC109
         """Send an empty query; return the round trip in seconds.
@@ -502,32 +711,62 @@ class Connection(psycopg.AsyncConnection[Row]):
         if unsettled is not None:
             await self._settle_after_interrupt(*unsettled)
 
-    async def _settle_after_interrupt(self, driver: _Driver, waiter: FdWaiter, fileno: int) -> None:
+    async def _settle_after_interrupt(
+        self, driver: _Driver | None, waiter: FdWaiter, fileno: int
+    ) -> None:
         """Leave the connection idle, or closed, after the caller was interrupted.
 
+        The server is asked to cancel the query; the interrupted generator
+        (``driver``, if any) is resumed, and whatever results remain are read
+        and dropped (a ``stream()`` left with rows still coming has many).
         Shielded, so that the cleanup itself cannot be cancelled, and bounded
         by ``cancel_grace``, so that a server that does not answer (half-open
         TCP, black-holed network) cannot hang the caller.
         """
-        if self.closed or self.pgconn.transaction_status != _ACTIVE:
+        pgconn = self.pgconn
+        if self.closed or pgconn.transaction_status != _ACTIVE:
             return
         settled = False
         with anyio.CancelScope(shield=True) as scope:
             scope.deadline = anyio.current_time() + self.cancel_grace
             try:
                 await self._send_cancel()
-                await driver.run(waiter, fileno)
-            except e.QueryCanceled:
-                pass
+                if driver is not None:
+                    with contextlib.suppress(e.QueryCanceled):
+                        await driver.run(waiter, fileno)
+                while pgconn.transaction_status == _ACTIVE and not pgconn.pipeline_status:
+                    results = await _Driver(generators.fetch_many(pgconn)).run(waiter, fileno)
+                    if not results or results[-1].status in _COPY_STATES:
+                        break  # nothing more to read, or COPY, which only ends by closing
             except e.Error as ex:
                 logger.debug("error while cancelling query: %s", redact(str(ex)))
             settled = not scope.cancel_called
-        if not settled or self.pgconn.transaction_status == _ACTIVE:
+        if not settled or pgconn.transaction_status == _ACTIVE:
             logger.warning(
                 "query not stopped %.1f s after cancellation: closing the connection",
                 self.cancel_grace,
             )
             self._abort()
+
+    def _lock_released(self) -> None:
+        """Called as the lock is released: note an operation abandoned half-way.
+
+        An operation that ends normally leaves the connection idle before it
+        releases the lock. One that is still ACTIVE was given up: an async
+        generator such as ``cursor.stream()`` closed where it could not wait
+        (trio closes abandoned generators in a cancelled scope), or a cleanup
+        that a cancellation cut short. psycopg on asyncio would have cancelled
+        the query and read the rest; `wait` does the same before the next
+        operation, so the connection stays usable.
+        """
+        pgconn = self.pgconn
+        if (
+            self._unsettled is None
+            and not self._closed
+            and pgconn.transaction_status == _ACTIVE
+            and not pgconn.pipeline_status
+        ):
+            self._abandoned = True
 
     async def _send_cancel(self) -> None:
         """Ask the server to cancel the running query."""
@@ -547,10 +786,13 @@ class Connection(psycopg.AsyncConnection[Row]):
         """
         if not self._should_cancel():
             return
-        with anyio.move_on_after(timeout):
-            await self._send_cancel()
+        if not capabilities.has_cancel_safe():
+            await self._send_cancel()  # libpq before 17: in a thread, as psycopg does
             return
-        raise e.CancellationTimeout("cancellation timeout expired")
+        try:
+            await _drive_conn(_cancel_gen(self.pgconn), timeout or None)
+        except e._WaitTimeout:
+            raise e.CancellationTimeout("cancellation timeout expired") from None
 
     def _abort(self) -> None:
         """Close at once, waking any task that waits on the socket."""
@@ -569,6 +811,22 @@ class Connection(psycopg.AsyncConnection[Row]):
         """Close the connection (no I/O wait: libpq sends Terminate and closes)."""
         self._abort()
         await anyio.lowlevel.checkpoint()
+
+
+class _ConnectionLock(Lock):
+    """The connection's lock, telling the connection when it is released."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Connection[Any]) -> None:
+        super().__init__()
+        self._conn = weakref.ref(conn)  # the connection holds its lock: no cycle
+
+    def release(self) -> None:
+        conn = self._conn()
+        if conn is not None:
+            conn._lock_released()
+        super().release()
 
 
 class _Transaction(psycopg.AsyncTransaction):
@@ -592,6 +850,10 @@ class _Transaction(psycopg.AsyncTransaction):
             scope.deadline = anyio.current_time() + conn.cancel_grace
             try:
                 return await super().__aexit__(exc_type, exc_val, exc_tb)
+            except OutOfOrderTransactionNesting:
+                # The caller's mistake, which psycopg reports in place of the
+                # block's exception; the connection itself is fine.
+                raise
             except e.Error as ex:
                 # The block's own exception matters more than the rollback's.
                 logger.debug("rollback after error failed: %s", redact(str(ex)))
@@ -610,6 +872,20 @@ def _combine(errors: list[tuple[e.Error, str]]) -> e.Error:
     lines.extend(f"- {descr}: {error}" for error, descr in errors)
     combined = type(last)("\n".join(lines), pgconn=last.pgconn)
     return combined
+
+
+# The keywords of Connection.connect that are not libpq parameters.
+_PSYCOPG_OPTIONS: Final = ("prepare_threshold", "context", "cursor_factory")
+
+
+def _seconds(value: object) -> object:
+    """A number given as text becomes a float; anything else is left to the config check."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 @overload
@@ -647,11 +923,14 @@ async def connect(
             open a transaction with ``async with conn.transaction()``.
         row_factory: how rows come back (psycopg's ``dict_row``...); the
             connection's type follows it.
-        kwargs: passed to :meth:`Connection.connect` (``prepare_threshold``,
-            ``cursor_factory``, ...).
+        kwargs: psycopg's ``prepare_threshold``, ``cursor_factory`` and
+            ``context``, or libpq parameters, which take precedence over the
+            target's (``connect_timeout`` as in `DatabaseConfig`: seconds,
+            fractions allowed, a number or its text).
 
     Raises:
-        pgsd.ConfigError: the DSN cannot be parsed.
+        pgsd.ConfigError: the DSN cannot be parsed, or ``connect_timeout``
+            is not a positive number.
         pgsd.ConnectError: the server could not be reached or refused the
             connection; the subclass says why (``AuthenticationError``,
             ``DatabaseNotFound``, ``ConnectTimeout``, ``ServerUnavailable``,
@@ -659,14 +938,21 @@ async def connect(
             the ``__cause__``.
     """
     config = target if isinstance(target, DatabaseConfig) else DatabaseConfig.from_dsn(target)
+    if "connect_timeout" in kwargs:
+        config = config.replace(connect_timeout=_seconds(kwargs.pop("connect_timeout")))
+    options = {name: kwargs.pop(name) for name in _PSYCOPG_OPTIONS if name in kwargs}
+    options.setdefault("prepare_threshold", config.prepare_threshold)
     try:
-        kwargs.setdefault("prepare_threshold", config.prepare_threshold)
-        conn = await Connection.connect(
-            config.conninfo(),
+        # The other keywords are libpq's, added to the conninfo as psycopg does.
+        params = conninfo_to_dict(config.conninfo(), **kwargs)
+        conn = await Connection._connect(
+            params,
+            config.connect_timeout,
             autocommit=autocommit,
             row_factory=row_factory,
-            connect_timeout=config.connect_timeout,
-            **kwargs,
+            context=options.get("context"),
+            cursor_factory=options.get("cursor_factory"),
+            prepare_threshold=options["prepare_threshold"],
         )
     except e.Error as ex:
         err = connect_error_from(

@@ -27,11 +27,12 @@ logger = logging.getLogger("pgsd.testing")
 _START_TIMEOUT = 60
 _HBA = """\
 local all all trust
-{cert_users}host all {superuser} 127.0.0.1/32 trust
-host all {superuser} ::1/128 trust
-host all all 127.0.0.1/32 scram-sha-256
-host all all ::1/128 scram-sha-256
+{cert_users}{kind} all {superuser} 127.0.0.1/32 trust
+{kind} all {superuser} ::1/128 trust
+{kind} all all 127.0.0.1/32 scram-sha-256
+{kind} all all ::1/128 scram-sha-256
 """
+_HBA_KINDS = ("host", "hostssl", "hostnossl")
 # Before the generic lines: these roles log in over TLS with a client
 # certificate, and are refused outright without TLS rather than falling
 # through to a password.
@@ -90,9 +91,15 @@ class PostgresServer(ServiceProcess):
             certificate whose common name is the role (``hostssl ... cert``
             in ``pg_hba.conf``; without TLS they are refused). The roles
             themselves are not created.
+        hba: the kind of ``pg_hba.conf`` line that admits TCP connections:
+            ``"host"`` (with or without TLS), ``"hostssl"`` (TLS only) or
+            ``"hostnossl"`` (without TLS only, even when the server offers
+            TLS: libpq's default ``sslmode=prefer`` is then refused over TLS
+            and must retry without it).
 
     Raises:
-        ValueError: ``cert_users`` without ``tls``, a role name that
+        ValueError: ``cert_users`` without ``tls``, ``hba="hostssl"``
+            without ``tls``, an unknown ``hba``, a role name that
             ``pg_hba.conf`` cannot hold, or a setting that is not one line
             under a setting's name.
     """
@@ -108,9 +115,14 @@ class PostgresServer(ServiceProcess):
         superuser: str = "postgres",
         tls: TLSFiles | bool = False,
         cert_users: Sequence[str] = (),
+        hba: str = "host",
     ) -> None:
         if cert_users and tls is False:
             raise ValueError("cert_users needs a server with tls")
+        if hba not in _HBA_KINDS:
+            raise ValueError(f"hba must be one of {', '.join(_HBA_KINDS)}, not {hba!r}")
+        if hba == "hostssl" and tls is False:
+            raise ValueError('hba="hostssl" needs a server with tls')
         for user in cert_users:
             if not user or any(char in user for char in '"\n\r'):
                 raise ValueError(f"role name {user!r} cannot be written in pg_hba.conf")
@@ -127,6 +139,7 @@ class PostgresServer(ServiceProcess):
             _conf_value(key, value)  # fail now, not after initdb
         self._passwords: dict[str, str] = {}
         self.cert_users = tuple(cert_users)
+        self.hba = hba
         self._tls_wanted = tls
         self._tls: TLSFiles | None = None
 
@@ -290,7 +303,7 @@ class PostgresServer(ServiceProcess):
             "--no-sync",
         )
         cert_users = "".join(_HBA_CERT.format(user=user) for user in self.cert_users)
-        hba = _HBA.format(superuser=self.superuser, cert_users=cert_users)
+        hba = _HBA.format(superuser=self.superuser, cert_users=cert_users, kind=self.hba)
         (self.datadir / "pg_hba.conf").write_text(hba)
         with (self.datadir / "postgresql.conf").open("a") as conf:
             assert self._base is not None
