@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import anyio
 import psycopg
@@ -15,6 +16,7 @@ import pytest
 from psycopg.rows import dict_row
 
 import pgsd
+from parity import assert_same
 from pgsd.testing import PostgresServer, free_port
 
 pytestmark = pytest.mark.anyio
@@ -433,3 +435,55 @@ async def test_connect_takes_a_row_factory(pg_server: PostgresServer) -> None:
     async with await pgsd.connect(pg_server.dsn(), row_factory=dict_row) as conn:
         cur = await conn.execute("SELECT 1 AS one, 'two' AS two")
         assert await cur.fetchone() == {"one": 1, "two": "two"}
+
+
+async def test_a_stream_cancelled_mid_way_leaves_the_connection_usable(
+    conn: pgsd.Connection,
+) -> None:
+    # The cancel request stops the query; the rows already sent are read and
+    # dropped, within cancel_grace, instead of closing the connection.
+    # (psycopg closes it: under a cancel scope its own cleanup is cancelled too.)
+    count = 0
+    with anyio.CancelScope() as scope:
+        async for _ in conn.cursor().stream("SELECT generate_series(1, 10000000)"):
+            count += 1
+            if count == 3:
+                scope.cancel()  # the next wait for a row is cancelled
+    assert scope.cancelled_caught
+    # Rows libpq has already read are yielded without a wait: the
+    # cancellation lands within milliseconds, at the next look for one.
+    assert 3 <= count < 10_000_000
+    assert not conn.closed
+    cur = await conn.execute("SELECT 'usable'")
+    assert await cur.fetchone() == ("usable",)
+
+
+async def stream_beside_a_ticker(cls: type[psycopg.AsyncConnection[Any]], dsn: str) -> Any:
+    """How often another task ran while a stream read rows that were already there."""
+    async with await cls.connect(dsn, autocommit=True) as conn:
+        ticks = 0
+        done = False
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done:
+                ticks += 1
+                await anyio.lowlevel.checkpoint()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            await anyio.lowlevel.checkpoint()
+            before = ticks
+            count = 0
+            async for _ in conn.cursor().stream("SELECT generate_series(1, 200000)"):
+                count += 1
+            during = ticks - before
+            done = True
+        return count, during > 5
+
+
+async def test_a_long_stream_lets_other_tasks_run_as_psycopg(pg_server: PostgresServer) -> None:
+    # psycopg lets the event loop run at least every 5 ms even when libpq has
+    # the next rows already: a long stream must not starve other tasks.
+    result = await assert_same(stream_beside_a_ticker, pg_server.dsn())
+    assert result == (200000, True)

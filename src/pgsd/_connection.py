@@ -33,6 +33,7 @@ import warnings
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from time import monotonic
 from types import TracebackType
 from typing import Any, Final, TypeVar, overload
 
@@ -196,17 +197,47 @@ class _Driver:
         self.state: int | None = None
 
     async def run(self, waiter: FdWaiter, fileno: int) -> Any:
+        global _last_cancel_check, _last_yield
         gen = self.gen
         try:
-            state = next(gen) if self.state is None else self.state
+            if self.state is not None:
+                state = self.state
+            else:
+                try:
+                    state = next(gen)
+                except StopIteration as ex:
+                    # Done with what libpq had already read (the rows of a
+                    # stream(), a COPY round): psycopg's rule, let the loop
+                    # run at least every _MAX_BUSY seconds, or a long stream
+                    # starves every other task and ignores cancellation.
+                    if monotonic() - _last_yield >= _MAX_BUSY:
+                        await anyio.lowlevel.checkpoint()
+                        _last_yield = monotonic()
+                    return ex.value
             while True:
                 self.state = state
                 ready = await _wait_fd(waiter, fileno, state)
+                now = _last_yield = monotonic()
+                if now - _last_cancel_check >= _MAX_BUSY:
+                    # A socket that is always ready (rows pouring in) makes
+                    # every wait end at once, and anyio on asyncio does not
+                    # cancel a task whose wait has just ended: look for a
+                    # cancellation now and then, or it would never land.
+                    _last_cancel_check = now
+                    await anyio.lowlevel.checkpoint_if_cancelled()
                 state = gen.send(ready)
         except StopIteration as ex:
             return ex.value
         except OSError as ex:
             raise e.OperationalError("connection socket closed") from ex
+
+
+#: The longest the loop is kept busy by generators that need not wait (psycopg's
+#: figure), and the longest a cancellation may wait for a busy connection to see it.
+_MAX_BUSY: Final = 0.005
+# When a wait last let the event loop run; when one last looked for a cancellation.
+_last_yield = 0.0
+_last_cancel_check = 0.0
 
 
 async def _drive_conn(gen: PQGenConn[RV], timeout: float | None = None) -> RV:  # noqa: ASYNC109
