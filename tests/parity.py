@@ -86,3 +86,35 @@ async def assert_same(scenario: Scenario, *args: Any, **kwargs: Any) -> Any:
     reference, ours = await on_both(scenario, *args, **kwargs)
     assert ours == reference, f"pgsd: {ours!r}\npsycopg: {reference!r}"
     return ours
+
+
+# --- helpers for scenarios -------------------------------------------------------------
+
+
+async def value_or_raised(awaitable: Awaitable[Any], catch: type[Exception] = psycopg.Error) -> Any:
+    """The value of ``awaitable``; or, if it raises ``catch``, that error as :class:`Raised`.
+
+    A scenario records the error as a step and goes on, to show what the
+    error left the connection in.
+    """
+    try:
+        return await awaitable
+    except catch as exc:
+        return Raised.of(exc)
+
+
+async def attempt(
+    awaitable: Awaitable[Any], done: Any = "executed", catch: type[Exception] = psycopg.Error
+) -> Any:
+    """``done`` once ``awaitable`` has completed; or, as :func:`value_or_raised`, its error."""
+    result = await value_or_raised(awaitable, catch)
+    return result if isinstance(result, Raised) else done
+
+
+def tx_status(conn: psycopg.AsyncConnection[Any]) -> str:
+    """The connection's transaction status, by name: IDLE, INTRANS, INERROR..."""
+    return conn.info.transaction_status.name
+
+
+#: The error of ``SELECT 1/0``, which scenarios of both halves make fail.
+DIVISION_BY_ZERO = Raised(psycopg.errors.DivisionByZero, "22012", "division by zero")

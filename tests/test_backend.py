@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 
 import anyio
+import anyio.lowlevel
 import pytest
 from psycopg import _copy_async
 
@@ -26,6 +27,7 @@ async def test_an_uncontended_lock_is_taken_without_letting_others_run() -> None
     async def other() -> None:
         nonlocal ran
         ran = True
+        await anyio.lowlevel.checkpoint()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(other)
@@ -59,11 +61,13 @@ async def test_another_task_may_release_the_lock() -> None:
     lock = Lock()
     await lock.acquire()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: _release(lock))
+        tg.start_soon(_release, lock)
+        assert lock.locked()  # the other task has not run yet
     assert not lock.locked()
 
 
 async def _release(lock: Lock) -> None:
+    await anyio.lowlevel.checkpoint()
     lock.release()
 
 
@@ -234,6 +238,7 @@ async def test_the_copy_helpers_run_a_worker_and_a_queue_on_either_backend() -> 
 
 async def test_the_copy_helpers_hand_the_workers_error_to_the_join() -> None:
     async def worker() -> None:
+        await anyio.lowlevel.checkpoint()
         raise ZeroDivisionError
 
     task = _copy_async.aspawn(worker)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -28,10 +29,17 @@ from psycopg import AsyncClientCursor, AsyncRawCursor
 from psycopg.rows import args_row, class_row, dict_row, kwargs_row, namedtuple_row
 from psycopg.types.json import Json
 
-from parity import ConnectionClass, Raised, assert_same
+from parity import DIVISION_BY_ZERO, ConnectionClass, Raised, assert_same, attempt, tx_status
 from pgsd.testing import PostgresServer
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def dsn(pg_server: PostgresServer) -> str:
+    """Every scenario here runs on the session's server."""
+    return pg_server.dsn()
+
 
 IDLE = "IDLE"
 INTRANS = "INTRANS"
@@ -44,10 +52,6 @@ SLEEP = "SELECT pg_sleep(10)"
 POLLS = 2000
 #: Cleanup in a finally block waits at most this, shielded.
 CLEANUP_WAIT = 10.0
-
-
-def status(conn: psycopg.AsyncConnection[Any]) -> str:
-    return conn.info.transaction_status.name
 
 
 async def one(conn: psycopg.AsyncConnection[Any], query: str = "SELECT 1") -> Any:
@@ -64,6 +68,39 @@ async def wait_until_running(observer: psycopg.AsyncConnection[Any], pid: int, q
         if await cur.fetchone() == ("active", query):
             return
     raise AssertionError(f"backend {pid} never ran {query!r}")
+
+
+async def interrupt_running_query(
+    conn: psycopg.AsyncConnection[Any],
+    observer: psycopg.AsyncConnection[Any],
+    interrupt: Callable[[], Awaitable[Any]],
+) -> tuple[Any, bool]:
+    """Run SLEEP on ``conn`` in a task; ``interrupt`` once the server runs it.
+
+    Returns what the query came to and whether it ended well before SLEEP would.
+    """
+    outcome: dict[str, Any] = {}
+
+    async def query() -> None:
+        outcome["query"] = await attempt(conn.execute(SLEEP), "finished")
+
+    pid = conn.info.backend_pid
+    started = anyio.current_time()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(query)
+        await wait_until_running(observer, pid, SLEEP)
+        await interrupt()
+    return outcome["query"], anyio.current_time() - started < 8
+
+
+async def roll_back_and_close(
+    conn: psycopg.AsyncConnection[Any], cur: psycopg.AsyncServerCursor[Any]
+) -> str:
+    """The transaction status a failure left; then it is rolled back, the cursor closed."""
+    left = tx_status(conn)
+    await conn.rollback()
+    await cur.close()
+    return left
 
 
 async def prepared(conn: psycopg.AsyncConnection[Any]) -> list[tuple[str, str]]:
@@ -105,8 +142,8 @@ async def fetch_methods(cls: ConnectionClass, dsn: str) -> Any:
         )
 
 
-async def test_client_cursor_fetch_methods_walk_the_result(pg_server: PostgresServer) -> None:
-    result = await assert_same(fetch_methods, pg_server.dsn())
+async def test_client_cursor_fetch_methods_walk_the_result(dsn: str) -> None:
+    result = await assert_same(fetch_methods, dsn)
     assert result == ((1,), [(2,), (3,)], [(4,)], [(5,), (6,), (7,), (8,)], None, [], [])
 
 
@@ -119,10 +156,8 @@ async def async_iteration(cls: ConnectionClass, dsn: str) -> Any:
         return first, rest, again
 
 
-async def test_client_cursor_async_iteration_yields_the_remaining_rows(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(async_iteration, pg_server.dsn())
+async def test_client_cursor_async_iteration_yields_the_remaining_rows(dsn: str) -> None:
+    result = await assert_same(async_iteration, dsn)
     assert result == ((1, 2), [(2, 4), (3, 6), (4, 8), (5, 10)], [])
 
 
@@ -142,8 +177,8 @@ async def scroll_within(cls: ConnectionClass, dsn: str) -> Any:
         return seen
 
 
-async def test_client_cursor_scroll_relative_and_absolute(pg_server: PostgresServer) -> None:
-    result = await assert_same(scroll_within, pg_server.dsn())
+async def test_client_cursor_scroll_relative_and_absolute(dsn: str) -> None:
+    result = await assert_same(scroll_within, dsn)
     assert result == [(3,), (2,), (7,), (0,), 1]
 
 
@@ -151,27 +186,19 @@ async def scroll_out_of_range(cls: ConnectionClass, dsn: str) -> Any:
     async with await cls.connect(dsn) as conn:
         cur = await conn.execute("SELECT g FROM generate_series(0, 4) AS g")
         await cur.fetchmany(2)
-        outcomes = []
-        for value, mode in [(10, "relative"), (-3, "relative"), (5, "absolute"), (-1, "absolute")]:
-            try:
-                await cur.scroll(value, mode)
-            except IndexError as exc:
-                outcomes.append(Raised.of(exc))
-            else:
-                outcomes.append("moved")
-        try:
-            await cur.scroll(1, "sideways")
-        except ValueError as exc:
-            outcomes.append(Raised.of(exc))
+        beyond = [(10, "relative"), (-3, "relative"), (5, "absolute"), (-1, "absolute")]
+        outcomes = [
+            await attempt(cur.scroll(value, mode), "moved", catch=IndexError)
+            for value, mode in beyond
+        ]
+        outcomes.append(await attempt(cur.scroll(1, "sideways"), "moved", catch=ValueError))
         outcomes.append(cur.rownumber)
         outcomes.append(await cur.fetchone())
         return outcomes
 
 
-async def test_client_cursor_scroll_out_of_range_raises_and_keeps_the_position(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(scroll_out_of_range, pg_server.dsn())
+async def test_client_cursor_scroll_out_of_range_raises_and_keeps_the_position(dsn: str) -> None:
+    result = await assert_same(scroll_out_of_range, dsn)
     out_of_bound = Raised(IndexError, None, "position out of bound")
     assert result == [
         out_of_bound,
@@ -184,28 +211,54 @@ async def test_client_cursor_scroll_out_of_range_raises_and_keeps_the_position(
     ]
 
 
-async def rowcounts(cls: ConnectionClass, dsn: str) -> Any:
+async def attribute_after_each(
+    cls: ConnectionClass, dsn: str, attribute: str, queries: list[str]
+) -> Any:
+    """The cursor's ``attribute`` before the first query and after each."""
     async with await cls.connect(dsn) as conn:
         cur = conn.cursor()
-        counts = [cur.rowcount]
-        await cur.execute("CREATE TEMP TABLE rc (x int)")
-        counts.append(cur.rowcount)
-        await cur.execute("INSERT INTO rc SELECT generate_series(1, 7)")
-        counts.append(cur.rowcount)
-        await cur.execute("UPDATE rc SET x = x + 1 WHERE x > 4")
-        counts.append(cur.rowcount)
-        await cur.execute("SELECT x FROM rc")
-        counts.append(cur.rowcount)
-        await cur.execute("DELETE FROM rc WHERE x > 100")
-        counts.append(cur.rowcount)
-        return counts
+        seen = [getattr(cur, attribute)]
+        for query in queries:
+            await cur.execute(query)
+            seen.append(getattr(cur, attribute))
+        return seen
 
 
-async def test_client_cursor_rowcount_counts_rows_returned_or_affected(
-    pg_server: PostgresServer,
+@pytest.mark.parametrize(
+    ("attribute", "before", "after_each"),
+    [
+        pytest.param(
+            "rowcount",
+            -1,
+            [
+                ("CREATE TEMP TABLE rc (x int)", -1),
+                ("INSERT INTO rc SELECT generate_series(1, 7)", 7),
+                ("UPDATE rc SET x = x + 1 WHERE x > 4", 3),
+                ("SELECT x FROM rc", 7),
+                ("DELETE FROM rc WHERE x > 100", 0),
+            ],
+            id="rowcount-counts-rows-returned-or-affected",
+        ),
+        pytest.param(
+            "statusmessage",
+            None,
+            [
+                ("CREATE TEMP TABLE sm (x int)", "CREATE TABLE"),
+                ("INSERT INTO sm VALUES (1), (2)", "INSERT 0 2"),
+                ("SELECT * FROM sm", "SELECT 2"),
+                ("UPDATE sm SET x = 3 WHERE x = 1", "UPDATE 1"),
+                ("DELETE FROM sm", "DELETE 2"),
+            ],
+            id="statusmessage-is-the-command-tag",
+        ),
+    ],
+)
+async def test_client_cursor_attribute_after_each_statement(
+    dsn: str, attribute: str, before: Any, after_each: list[tuple[str, Any]]
 ) -> None:
-    result = await assert_same(rowcounts, pg_server.dsn())
-    assert result == [-1, -1, 7, 3, 7, 0]
+    queries = [query for query, _ in after_each]
+    result = await assert_same(attribute_after_each, dsn, attribute, queries)
+    assert result == [before, *(value for _, value in after_each)]
 
 
 async def rownumbers(cls: ConnectionClass, dsn: str) -> Any:
@@ -225,8 +278,8 @@ async def rownumbers(cls: ConnectionClass, dsn: str) -> Any:
         return numbers
 
 
-async def test_client_cursor_rownumber_follows_the_fetches(pg_server: PostgresServer) -> None:
-    result = await assert_same(rownumbers, pg_server.dsn())
+async def test_client_cursor_rownumber_follows_the_fetches(dsn: str) -> None:
+    result = await assert_same(rownumbers, dsn)
     assert result == [None, 0, 1, 4, 6, None]
 
 
@@ -243,10 +296,8 @@ async def descriptions(cls: ConnectionClass, dsn: str) -> Any:
         return before, described, cur.description
 
 
-async def test_client_cursor_description_gives_names_and_type_codes(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(descriptions, pg_server.dsn())
+async def test_client_cursor_description_gives_names_and_type_codes(dsn: str) -> None:
+    result = await assert_same(descriptions, dsn)
     assert result == (
         None,
         [
@@ -261,27 +312,6 @@ async def test_client_cursor_description_gives_names_and_type_codes(
         ],
         None,
     )
-
-
-async def status_messages(cls: ConnectionClass, dsn: str) -> Any:
-    async with await cls.connect(dsn) as conn:
-        cur = conn.cursor()
-        messages = [cur.statusmessage]
-        for query in [
-            "CREATE TEMP TABLE sm (x int)",
-            "INSERT INTO sm VALUES (1), (2)",
-            "SELECT * FROM sm",
-            "UPDATE sm SET x = 3 WHERE x = 1",
-            "DELETE FROM sm",
-        ]:
-            await cur.execute(query)
-            messages.append(cur.statusmessage)
-        return messages
-
-
-async def test_client_cursor_statusmessage_is_the_command_tag(pg_server: PostgresServer) -> None:
-    result = await assert_same(status_messages, pg_server.dsn())
-    assert result == [None, "CREATE TABLE", "INSERT 0 2", "SELECT 2", "UPDATE 1", "DELETE 2"]
 
 
 async def several_statements(cls: ConnectionClass, dsn: str) -> Any:
@@ -303,10 +333,8 @@ async def several_statements(cls: ConnectionClass, dsn: str) -> Any:
         return sets, after, by_index, walked
 
 
-async def test_nextset_walks_the_results_of_several_statements(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(several_statements, pg_server.dsn())
+async def test_nextset_walks_the_results_of_several_statements(dsn: str) -> None:
+    result = await assert_same(several_statements, dsn)
     assert result == (
         [
             ("CREATE TABLE", -1, None),
@@ -327,22 +355,15 @@ async def executemany_plain(cls: ConnectionClass, dsn: str) -> Any:
         cur = conn.cursor()
         await cur.executemany("INSERT INTO em VALUES (%s, %s)", [(i, str(i)) for i in range(10)])
         count = cur.rowcount
-        try:
-            await cur.fetchone()
-        except psycopg.ProgrammingError as exc:
-            fetched: Any = Raised.of(exc)
-        else:
-            fetched = "fetched"
+        fetched = await attempt(cur.fetchone(), "fetched")
         await cur.executemany("UPDATE em SET y = 'odd' WHERE x = %s", [(1,), (3,), (42,)])
         updated = cur.rowcount
         check = await conn.execute("SELECT count(*), count(*) FILTER (WHERE y = 'odd') FROM em")
-        return count, fetched, updated, await check.fetchone(), status(conn)
+        return count, fetched, updated, await check.fetchone(), tx_status(conn)
 
 
-async def test_executemany_without_returning_counts_the_affected_rows(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(executemany_plain, pg_server.dsn())
+async def test_executemany_without_returning_counts_the_affected_rows(dsn: str) -> None:
+    result = await assert_same(executemany_plain, dsn)
     assert result == (
         10,
         Raised(psycopg.ProgrammingError, None, "no result available"),
@@ -366,10 +387,8 @@ async def executemany_returning(cls: ConnectionClass, dsn: str) -> Any:
         return first, sets, cur.rowcount
 
 
-async def test_executemany_returning_gives_one_result_per_parameter_set(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(executemany_returning, pg_server.dsn())
+async def test_executemany_returning_gives_one_result_per_parameter_set(dsn: str) -> None:
+    result = await assert_same(executemany_returning, dsn)
     assert result == (
         [(1, 10)],
         [[], [(2, 20)], [(3, 30)], [(4, 40)]],
@@ -381,17 +400,11 @@ async def cursor_close(cls: ConnectionClass, dsn: str) -> Any:
     async with await cls.connect(dsn) as conn:
         async with conn.cursor() as cur:
             await cur.execute("SELECT 1")
-        try:
-            await cur.execute("SELECT 2")
-        except psycopg.InterfaceError as exc:
-            closed: Any = Raised.of(exc)
-        else:
-            closed = "executed"
-        return cur.closed, closed, await one(conn)
+        return cur.closed, await attempt(cur.execute("SELECT 2")), await one(conn)
 
 
-async def test_a_closed_cursor_refuses_to_execute(pg_server: PostgresServer) -> None:
-    result = await assert_same(cursor_close, pg_server.dsn())
+async def test_a_closed_cursor_refuses_to_execute(dsn: str) -> None:
+    result = await assert_same(cursor_close, dsn)
     assert result == (True, Raised(psycopg.InterfaceError, None, "the cursor is closed"), (1,))
 
 
@@ -405,11 +418,11 @@ async def server_iteration(cls: ConnectionClass, dsn: str) -> Any:
             await cur.execute("SELECT g, g::text FROM generate_series(1, 20) AS g")
             rows = [row async for row in cur]
             number = cur.rownumber
-        return len(rows), rows[0], rows[6], rows[7], rows[-1], number, cur.closed, status(conn)
+        return len(rows), rows[0], rows[6], rows[7], rows[-1], number, cur.closed, tx_status(conn)
 
 
-async def test_server_cursor_iterates_in_pages_of_itersize(pg_server: PostgresServer) -> None:
-    result = await assert_same(server_iteration, pg_server.dsn())
+async def test_server_cursor_iterates_in_pages_of_itersize(dsn: str) -> None:
+    result = await assert_same(server_iteration, dsn)
     assert result == (20, (1, "1"), (7, "7"), (8, "8"), (20, "20"), 20, True, INTRANS)
 
 
@@ -433,8 +446,8 @@ async def server_fetchmany(cls: ConnectionClass, dsn: str) -> Any:
                 await cur.close()
 
 
-async def test_server_cursor_fetchmany_fetches_in_batches(pg_server: PostgresServer) -> None:
-    result = await assert_same(server_fetchmany, pg_server.dsn())
+async def test_server_cursor_fetchmany_fetches_in_batches(dsn: str) -> None:
+    result = await assert_same(server_fetchmany, dsn)
     assert result == [
         0,
         [(1,), (2,), (3,)],
@@ -458,8 +471,8 @@ async def server_fetchall(cls: ConnectionClass, dsn: str) -> Any:
             return first, len(rest), rest[0], rest[-1], again, cur.rownumber
 
 
-async def test_server_cursor_fetchall_fetches_the_rest(pg_server: PostgresServer) -> None:
-    result = await assert_same(server_fetchall, pg_server.dsn())
+async def test_server_cursor_fetchall_fetches_the_rest(dsn: str) -> None:
+    result = await assert_same(server_fetchall, dsn)
     assert result == ((1, 1), 499, (2, 4), (500, 250000), [], 500)
 
 
@@ -479,8 +492,8 @@ async def server_scroll(cls: ConnectionClass, dsn: str) -> Any:
             return seen
 
 
-async def test_server_cursor_scrollable_scrolls_both_ways(pg_server: PostgresServer) -> None:
-    result = await assert_same(server_scroll, pg_server.dsn())
+async def test_server_cursor_scrollable_scrolls_both_ways(dsn: str) -> None:
+    result = await assert_same(server_scroll, dsn)
     assert result == [
         [(0,), (1,), (2,), (3,), (4,)],
         (2, (2,)),
@@ -495,20 +508,12 @@ async def server_no_scroll(cls: ConnectionClass, dsn: str) -> Any:
         cur = conn.cursor("ns", scrollable=False)
         await cur.execute("SELECT g FROM generate_series(0, 9) AS g")
         await cur.fetchmany(4)
-        try:
-            await cur.scroll(-2)
-        except psycopg.Error as exc:
-            scrolled: Any = Raised.of(exc)
-        else:
-            scrolled = "scrolled"
-        after = status(conn)
-        await conn.rollback()
-        await cur.close()
-        return scrolled, after, await one(conn)
+        scrolled = await attempt(cur.scroll(-2), "scrolled")
+        return scrolled, await roll_back_and_close(conn, cur), await one(conn)
 
 
-async def test_server_cursor_not_scrollable_refuses_to_go_back(pg_server: PostgresServer) -> None:
-    result = await assert_same(server_no_scroll, pg_server.dsn())
+async def test_server_cursor_not_scrollable_refuses_to_go_back(dsn: str) -> None:
+    result = await assert_same(server_no_scroll, dsn)
     scrolled, after, row = result
     assert isinstance(scrolled, Raised)
     assert scrolled.type is psycopg.errors.ObjectNotInPrerequisiteState
@@ -523,15 +528,15 @@ async def server_withhold(cls: ConnectionClass, dsn: str) -> Any:
         await cur.execute("SELECT g FROM generate_series(1, 4) AS g")
         first = await cur.fetchone()
         await conn.commit()
-        committed = status(conn)
+        committed = tx_status(conn)
         rest = await cur.fetchall()
         await cur.close()
         listed = await conn.execute("SELECT count(*) FROM pg_cursors WHERE name = 'wh'")
         return first, committed, rest, await listed.fetchone()
 
 
-async def test_server_cursor_withhold_survives_the_commit(pg_server: PostgresServer) -> None:
-    result = await assert_same(server_withhold, pg_server.dsn())
+async def test_server_cursor_withhold_survives_the_commit(dsn: str) -> None:
+    result = await assert_same(server_withhold, dsn)
     assert result == ((1,), IDLE, [(2,), (3,), (4,)], (0,))
 
 
@@ -541,22 +546,12 @@ async def server_without_hold(cls: ConnectionClass, dsn: str) -> Any:
         await cur.execute("SELECT g FROM generate_series(1, 4) AS g")
         first = await cur.fetchone()
         await conn.commit()
-        try:
-            await cur.fetchall()
-        except psycopg.Error as exc:
-            fetched: Any = Raised.of(exc)
-        else:
-            fetched = "fetched"
-        after = status(conn)
-        await conn.rollback()
-        await cur.close()
-        return first, fetched, after
+        fetched = await attempt(cur.fetchall(), "fetched")
+        return first, fetched, await roll_back_and_close(conn, cur)
 
 
-async def test_server_cursor_without_hold_is_gone_after_the_commit(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(server_without_hold, pg_server.dsn())
+async def test_server_cursor_without_hold_is_gone_after_the_commit(dsn: str) -> None:
+    result = await assert_same(server_without_hold, dsn)
     assert result == (
         (1,),
         Raised(psycopg.errors.InvalidCursorName, "34000", 'cursor "nh" does not exist'),
@@ -573,18 +568,13 @@ async def server_close(cls: ConnectionClass, dsn: str) -> Any:
         before = await one(conn, listed)
         await cur.close()
         after = await one(conn, listed)
-        try:
-            await cur.fetchone()
-        except psycopg.Error as exc:
-            fetched: Any = Raised.of(exc)
-        else:
-            fetched = "fetched"
+        fetched = await attempt(cur.fetchone(), "fetched")
         await cur.close()  # a second close does nothing
-        return before, cur.closed, after, fetched, status(conn)
+        return before, cur.closed, after, fetched, tx_status(conn)
 
 
-async def test_server_cursor_close_drops_it_on_the_server(pg_server: PostgresServer) -> None:
-    result = await assert_same(server_close, pg_server.dsn())
+async def test_server_cursor_close_drops_it_on_the_server(dsn: str) -> None:
+    result = await assert_same(server_close, dsn)
     assert result == (
         (1,),
         True,
@@ -597,22 +587,12 @@ async def test_server_cursor_close_drops_it_on_the_server(pg_server: PostgresSer
 async def server_declare_error(cls: ConnectionClass, dsn: str) -> Any:
     async with await cls.connect(dsn) as conn:
         cur = conn.cursor("de")
-        try:
-            await cur.execute("SELECT * FROM pgsd_no_such_table")
-        except psycopg.Error as exc:
-            declared: Any = Raised.of(exc)
-        else:
-            declared = "declared"
-        after = status(conn)
-        await conn.rollback()
-        await cur.close()
-        return declared, after, status(conn), await one(conn)
+        declared = await attempt(cur.execute("SELECT * FROM pgsd_no_such_table"), "declared")
+        return declared, await roll_back_and_close(conn, cur), tx_status(conn), await one(conn)
 
 
-async def test_server_cursor_error_in_declare_fails_the_transaction(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(server_declare_error, pg_server.dsn())
+async def test_server_cursor_error_in_declare_fails_the_transaction(dsn: str) -> None:
+    result = await assert_same(server_declare_error, dsn)
     declared, *rest = result
     assert isinstance(declared, Raised)
     assert declared.type is psycopg.errors.UndefinedTable
@@ -630,19 +610,12 @@ async def raw_cursor(cls: ConnectionClass, dsn: str) -> Any:
         await cur.execute("SELECT $1::int + $2::int, $2::text", [40, 2])
         row = await cur.fetchone()
         via_conn = await conn.execute("SELECT $1::text || $1::text", ["ab"])
-        try:
-            await conn.execute("SELECT %s::int", [1])
-        except psycopg.Error as exc:
-            percent: Any = Raised.of(exc)
-        else:
-            percent = "executed"
+        percent = await attempt(conn.execute("SELECT %s::int", [1]))
         return type(cur).__name__, row, type(via_conn).__name__, await via_conn.fetchone(), percent
 
 
-async def test_raw_cursor_from_cursor_factory_uses_dollar_placeholders(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(raw_cursor, pg_server.dsn())
+async def test_raw_cursor_from_cursor_factory_uses_dollar_placeholders(dsn: str) -> None:
+    result = await assert_same(raw_cursor, dsn)
     name, row, via_name, via_row, percent = result
     assert (name, row, via_name, via_row) == (
         "AsyncRawCursor",
@@ -664,10 +637,8 @@ async def raw_cursor_by_attribute(cls: ConnectionClass, dsn: str) -> Any:
         return default, type(cur).__name__, await cur.fetchone()
 
 
-async def test_raw_cursor_set_as_the_connections_cursor_factory(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(raw_cursor_by_attribute, pg_server.dsn())
+async def test_raw_cursor_set_as_the_connections_cursor_factory(dsn: str) -> None:
+    result = await assert_same(raw_cursor_by_attribute, dsn)
     assert result == ("AsyncCursor", "AsyncRawCursor", (42,))
 
 
@@ -682,10 +653,8 @@ async def client_cursor_factory(cls: ConnectionClass, dsn: str) -> Any:
         return type(cur).__name__, mogrified, first, second
 
 
-async def test_client_cursor_from_cursor_factory_binds_on_the_client(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(client_cursor_factory, pg_server.dsn())
+async def test_client_cursor_from_cursor_factory_binds_on_the_client(dsn: str) -> None:
+    result = await assert_same(client_cursor_factory, dsn)
     assert result == ("AsyncClientCursor", "SELECT 1, 'it''s', NULL", [(1,)], [("two",)])
 
 
@@ -700,10 +669,8 @@ async def client_cursor_direct(cls: ConnectionClass, dsn: str) -> Any:
         return type(cur).__name__, row, await server_side.fetchone()
 
 
-async def test_client_cursor_made_on_a_connection_binds_on_the_client(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(client_cursor_direct, pg_server.dsn())
+async def test_client_cursor_made_on_a_connection_binds_on_the_client(dsn: str) -> None:
+    result = await assert_same(client_cursor_direct, dsn)
     assert result == (
         "AsyncClientCursor",
         ("SELECT current_query(), 'a' || 'b', 1.25", "ab", Decimal("1.25")),
@@ -744,8 +711,8 @@ async def types_and_nulls(cls: ConnectionClass, dsn: str) -> Any:
         return tuple((type(value).__name__, value) for value in row)
 
 
-async def test_nulls_and_types_load_as_python_values(pg_server: PostgresServer) -> None:
-    result = await assert_same(types_and_nulls, pg_server.dsn())
+async def test_nulls_and_types_load_as_python_values(dsn: str) -> None:
+    result = await assert_same(types_and_nulls, dsn)
     assert tuple(value for _, value in result) == TYPES_VALUES
     assert [name for name, _ in result] == [type(value).__name__ for value in TYPES_VALUES]
 
@@ -767,8 +734,8 @@ async def parameters_round_trip(cls: ConnectionClass, dsn: str) -> Any:
         return await cur.fetchone()
 
 
-async def test_python_values_round_trip_as_parameters(pg_server: PostgresServer) -> None:
-    result = await assert_same(parameters_round_trip, pg_server.dsn())
+async def test_python_values_round_trip_as_parameters(dsn: str) -> None:
+    result = await assert_same(parameters_round_trip, dsn)
     assert result == (
         None,
         Decimal("-0.001"),
@@ -795,10 +762,8 @@ async def binary_execute(cls: ConnectionClass, dsn: str) -> Any:
         return binary_row, set(binary_formats), text_row == binary_row, text_formats
 
 
-async def test_execute_binary_returns_the_same_values_in_binary(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(binary_execute, pg_server.dsn())
+async def test_execute_binary_returns_the_same_values_in_binary(dsn: str) -> None:
+    result = await assert_same(binary_execute, dsn)
     assert result == (TYPES_VALUES, {1}, True, {0})
 
 
@@ -814,8 +779,8 @@ async def binary_cursor(cls: ConnectionClass, dsn: str) -> Any:
         return row, formats, cur.pgresult.fformat(0)
 
 
-async def test_binary_cursor_returns_binary_results(pg_server: PostgresServer) -> None:
-    result = await assert_same(binary_cursor, pg_server.dsn())
+async def test_binary_cursor_returns_binary_results(dsn: str) -> None:
+    result = await assert_same(binary_cursor, dsn)
     assert result == ((7, "x", [Decimal("2.5")]), [1, 1, 1], 0)
 
 
@@ -832,8 +797,8 @@ async def row_factory_on_connect(cls: ConnectionClass, dsn: str) -> Any:
         return rows, await own.fetchall(), await one(conn, "SELECT 1 AS one")
 
 
-async def test_row_factory_on_connect_shapes_every_row(pg_server: PostgresServer) -> None:
-    result = await assert_same(row_factory_on_connect, pg_server.dsn())
+async def test_row_factory_on_connect_shapes_every_row(dsn: str) -> None:
+    result = await assert_same(row_factory_on_connect, dsn)
     assert result == (
         [{"x": 1, "y": 10}, {"x": 2, "y": 20}],
         [Point(1, 10), Point(2, 20)],
@@ -868,8 +833,8 @@ async def row_factories_per_cursor(cls: ConnectionClass, dsn: str) -> Any:
         return shaped
 
 
-async def test_row_factories_per_cursor_shape_its_rows(pg_server: PostgresServer) -> None:
-    result = await assert_same(row_factories_per_cursor, pg_server.dsn())
+async def test_row_factories_per_cursor_shape_its_rows(dsn: str) -> None:
+    result = await assert_same(row_factories_per_cursor, dsn)
     assert result == {
         "dict": [{"x": 1, "y": 10}, {"x": 2, "y": 20}],
         "class": [Point(1, 10), Point(2, 20)],
@@ -884,21 +849,13 @@ async def test_row_factories_per_cursor_shape_its_rows(pg_server: PostgresServer
 # --- errors --------------------------------------------------------------------------------
 
 
-async def syntax_error(cls: ConnectionClass, dsn: str) -> Any:
+async def error_in_autocommit(cls: ConnectionClass, dsn: str, query: str) -> Any:
     async with await cls.connect(dsn, autocommit=True) as conn:
-        try:
-            await conn.execute("SELEC 1")
-        except psycopg.Error as exc:
-            raised: Any = Raised.of(exc)
-        else:
-            raised = "executed"
-        return raised, status(conn), await one(conn)
+        return await attempt(conn.execute(query)), tx_status(conn), await one(conn)
 
 
-async def test_syntax_error_raises_and_leaves_the_connection_usable(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(syntax_error, pg_server.dsn())
+async def test_syntax_error_raises_and_leaves_the_connection_usable(dsn: str) -> None:
+    result = await assert_same(error_in_autocommit, dsn, "SELEC 1")
     raised, *rest = result
     assert isinstance(raised, Raised)
     assert raised.type is psycopg.errors.SyntaxError
@@ -907,30 +864,28 @@ async def test_syntax_error_raises_and_leaves_the_connection_usable(
     assert rest == [IDLE, (1,)]
 
 
+async def test_division_by_zero_in_autocommit_leaves_the_connection_usable(dsn: str) -> None:
+    result = await assert_same(error_in_autocommit, dsn, "SELECT 1 / (SELECT 0)")
+    assert result == (DIVISION_BY_ZERO, IDLE, (1,))
+
+
 async def division_by_zero(cls: ConnectionClass, dsn: str) -> Any:
     async with await cls.connect(dsn) as conn:
         outcomes: list[Any] = []
         for query in ["SELECT 1 / (SELECT 0)", "SELECT 1"]:
-            try:
-                await conn.execute(query)
-            except psycopg.Error as exc:
-                outcomes.append(Raised.of(exc))
-            else:
-                outcomes.append("executed")
-            outcomes.append(status(conn))
+            outcomes.append(await attempt(conn.execute(query)))
+            outcomes.append(tx_status(conn))
         await conn.rollback()
-        outcomes.append(status(conn))
+        outcomes.append(tx_status(conn))
         outcomes.append(await one(conn))
-        outcomes.append(status(conn))
+        outcomes.append(tx_status(conn))
         return outcomes
 
 
-async def test_division_by_zero_fails_the_transaction_until_rollback(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(division_by_zero, pg_server.dsn())
+async def test_division_by_zero_fails_the_transaction_until_rollback(dsn: str) -> None:
+    result = await assert_same(division_by_zero, dsn)
     assert result == [
-        Raised(psycopg.errors.DivisionByZero, "22012", "division by zero"),
+        DIVISION_BY_ZERO,
         INERROR,
         Raised(
             psycopg.errors.InFailedSqlTransaction,
@@ -942,28 +897,6 @@ async def test_division_by_zero_fails_the_transaction_until_rollback(
         (1,),
         INTRANS,
     ]
-
-
-async def division_by_zero_autocommit(cls: ConnectionClass, dsn: str) -> Any:
-    async with await cls.connect(dsn, autocommit=True) as conn:
-        try:
-            await conn.execute("SELECT 1 / (SELECT 0)")
-        except psycopg.Error as exc:
-            raised: Any = Raised.of(exc)
-        else:
-            raised = "executed"
-        return raised, status(conn), await one(conn)
-
-
-async def test_division_by_zero_in_autocommit_leaves_the_connection_usable(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(division_by_zero_autocommit, pg_server.dsn())
-    assert result == (
-        Raised(psycopg.errors.DivisionByZero, "22012", "division by zero"),
-        IDLE,
-        (1,),
-    )
 
 
 # --- stream() --------------------------------------------------------------------------------
@@ -980,20 +913,26 @@ async def stream_finished(cls: ConnectionClass, dsn: str, size: int) -> Any:
             ]
         else:
             chunked = None
-        return len(rows), rows[0], rows[-1], chunked, status(conn), await one(conn)
+        return len(rows), rows[0], rows[-1], chunked, tx_status(conn), await one(conn)
 
 
-async def test_stream_to_the_end_yields_every_row(pg_server: PostgresServer) -> None:
-    result = await assert_same(stream_finished, pg_server.dsn(), 1)
-    assert result == (50, (1, "1"), (50, "50"), None, INTRANS, (1,))
-
-
-@pytest.mark.skipif(
-    psycopg.pq.version() < 170000, reason="stream(size=...) needs libpq 17 or later"
+@pytest.mark.parametrize(
+    ("size", "chunked"),
+    [
+        pytest.param(1, None, id="to-the-end"),
+        pytest.param(
+            10,
+            [(g,) for g in range(1, 26)],
+            id="in-chunks",
+            marks=pytest.mark.skipif(
+                psycopg.pq.version() < 170000, reason="stream(size=...) needs libpq 17 or later"
+            ),
+        ),
+    ],
 )
-async def test_stream_in_chunks_yields_every_row(pg_server: PostgresServer) -> None:
-    result = await assert_same(stream_finished, pg_server.dsn(), 10)
-    assert result == (50, (1, "1"), (50, "50"), [(g,) for g in range(1, 26)], INTRANS, (1,))
+async def test_stream_yields_every_row(dsn: str, size: int, chunked: Any) -> None:
+    result = await assert_same(stream_finished, dsn, size)
+    assert result == (50, (1, "1"), (50, "50"), chunked, INTRANS, (1,))
 
 
 async def stream_left_early(cls: ConnectionClass, dsn: str) -> Any:
@@ -1005,11 +944,11 @@ async def stream_left_early(cls: ConnectionClass, dsn: str) -> Any:
                 seen.append(row)
                 if len(seen) == 3:
                     break
-        return seen, status(conn), await one(conn, "SELECT 'after'"), status(conn)
+        return seen, tx_status(conn), await one(conn, "SELECT 'after'"), tx_status(conn)
 
 
-async def test_stream_left_early_leaves_the_connection_usable(pg_server: PostgresServer) -> None:
-    result = await assert_same(stream_left_early, pg_server.dsn())
+async def test_stream_left_early_leaves_the_connection_usable(dsn: str) -> None:
+    result = await assert_same(stream_left_early, dsn)
     assert result == ([(1,), (2,), (3,)], IDLE, ("after",), IDLE)
 
 
@@ -1025,13 +964,11 @@ async def stream_aclosed(cls: ConnectionClass, dsn: str) -> Any:
             exhausted = True
         else:
             exhausted = False
-        return first, second, exhausted, status(conn), await one(conn, "SELECT 'after'")
+        return first, second, exhausted, tx_status(conn), await one(conn, "SELECT 'after'")
 
 
-async def test_stream_closed_early_with_aclose_leaves_the_connection_usable(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(stream_aclosed, pg_server.dsn())
+async def test_stream_closed_early_with_aclose_leaves_the_connection_usable(dsn: str) -> None:
+    result = await assert_same(stream_aclosed, dsn)
     assert result == ((1,), (2,), True, IDLE, ("after",))
 
 
@@ -1042,41 +979,36 @@ async def stream_dropped(cls: ConnectionClass, dsn: str) -> Any:
         del rows
         gc.collect()
         after = await one(conn, "SELECT 'after'")
-        return first, after, status(conn), await one(conn, "SELECT 'again'")
+        return first, after, tx_status(conn), await one(conn, "SELECT 'again'")
 
 
 # trio's own warning, for any async generator it sees collected unfinished.
 @pytest.mark.filterwarnings("ignore:Async generator:ResourceWarning")
-async def test_stream_dropped_unfinished_leaves_the_connection_usable(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(stream_dropped, pg_server.dsn())
+async def test_stream_dropped_unfinished_leaves_the_connection_usable(dsn: str) -> None:
+    result = await assert_same(stream_dropped, dsn)
     assert result == ((1,), ("after",), IDLE, ("again",))
 
 
 async def stream_error(cls: ConnectionClass, dsn: str) -> Any:
     async with await cls.connect(dsn, autocommit=True) as conn:
-        seen = []
-        try:
+        seen: list[int] = []
+
+        async def read() -> None:
             async for row in conn.cursor().stream(
                 "SELECT 1000 / (500 - g) FROM generate_series(1, 1000) AS g"
             ):
                 seen.append(row[0])  # noqa: PERF401 (the rows before the error count)
-        except psycopg.Error as exc:
-            raised: Any = Raised.of(exc)
-        else:
-            raised = "finished"
-        return len(seen), seen[:2], raised, status(conn), await one(conn)
+
+        raised = await attempt(read(), "finished")
+        return len(seen), seen[:2], raised, tx_status(conn), await one(conn)
 
 
-async def test_stream_error_mid_way_raises_after_the_rows_before_it(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(stream_error, pg_server.dsn())
+async def test_stream_error_mid_way_raises_after_the_rows_before_it(dsn: str) -> None:
+    result = await assert_same(stream_error, dsn)
     assert result == (
         499,
         [2, 2],
-        Raised(psycopg.errors.DivisionByZero, "22012", "division by zero"),
+        DIVISION_BY_ZERO,
         IDLE,
         (1,),
     )
@@ -1097,19 +1029,17 @@ async def stream_in_transaction(cls: ConnectionClass, dsn: str) -> Any:
                         f"INSERT INTO {STREAM_TABLE} SELECT generate_series(1, 5) RETURNING x"
                     )
                 ]
-                during = status(conn)
+                during = tx_status(conn)
             async with await cls.connect(dsn) as other:
                 seen = await one(other, f"SELECT array_agg(x ORDER BY x) FROM {STREAM_TABLE}")
-            return inserted, during, status(conn), seen
+            return inserted, during, tx_status(conn), seen
         finally:
             with anyio.move_on_after(CLEANUP_WAIT, shield=True):
                 await conn.execute(f"DROP TABLE {STREAM_TABLE}")
 
 
-async def test_stream_inside_a_transaction_is_committed_with_it(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(stream_in_transaction, pg_server.dsn())
+async def test_stream_inside_a_transaction_is_committed_with_it(dsn: str) -> None:
+    result = await assert_same(stream_in_transaction, dsn)
     assert result == ([1, 2, 3, 4, 5], INTRANS, IDLE, ([1, 2, 3, 4, 5],))
 
 
@@ -1133,38 +1063,36 @@ async def prepared_after_each(
         return counts, results == [(i + 1,) for i in range(times)], await prepared(conn)
 
 
-async def test_prepare_threshold_zero_prepares_on_the_first_execute(
-    pg_server: PostgresServer,
+# Executes of one query, with prepare_threshold= given on connect or not ("default") and
+# prepare= on each execute: how many statements are prepared after each, and which at the end.
+@pytest.mark.parametrize(
+    ("times", "threshold", "prepare", "counts", "statements"),
+    [
+        pytest.param(3, 0, None, [1, 1, 1], [PREPARED], id="threshold-0-prepares-on-the-first"),
+        pytest.param(2, "default", True, [1, 1], [PREPARED], id="prepare-true-prepares-at-once"),
+        pytest.param(3, 0, False, [0, 0, 0], [], id="prepare-false-never-even-with-threshold-0"),
+        pytest.param(8, None, None, [0] * 8, [], id="threshold-none-never-prepares"),
+        pytest.param(2, None, True, [0, 0], [], id="threshold-none-ignores-prepare-true"),
+        pytest.param(
+            8,
+            "default",
+            None,
+            [0, 0, 0, 0, 0, 1, 1, 1],
+            [PREPARED],
+            id="default-threshold-prepares-on-the-sixth",
+        ),
+    ],
+)
+async def test_statements_are_prepared_as_threshold_and_prepare_say(
+    dsn: str,
+    times: int,
+    threshold: Any,
+    prepare: bool | None,
+    counts: list[int],
+    statements: list[tuple[str, str]],
 ) -> None:
-    result = await assert_same(prepared_after_each, pg_server.dsn(), 3, 0, None)
-    assert result == ([1, 1, 1], True, [PREPARED])
-
-
-async def test_prepare_true_prepares_at_once(pg_server: PostgresServer) -> None:
-    result = await assert_same(prepared_after_each, pg_server.dsn(), 2, "default", True)
-    assert result == ([1, 1], True, [PREPARED])
-
-
-async def test_prepare_false_never_prepares_even_with_threshold_zero(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(prepared_after_each, pg_server.dsn(), 3, 0, False)
-    assert result == ([0, 0, 0], True, [])
-
-
-async def test_prepare_threshold_none_never_prepares(pg_server: PostgresServer) -> None:
-    result = await assert_same(prepared_after_each, pg_server.dsn(), 8, None, None)
-    assert result == ([0] * 8, True, [])
-
-
-async def test_prepare_threshold_none_ignores_prepare_true(pg_server: PostgresServer) -> None:
-    result = await assert_same(prepared_after_each, pg_server.dsn(), 2, None, True)
-    assert result == ([0, 0], True, [])
-
-
-async def test_default_threshold_prepares_on_the_sixth_execute(pg_server: PostgresServer) -> None:
-    result = await assert_same(prepared_after_each, pg_server.dsn(), 8, "default", None)
-    assert result == ([0, 0, 0, 0, 0, 1, 1, 1], True, [PREPARED])
+    result = await assert_same(prepared_after_each, dsn, times, threshold, prepare)
+    assert result == (counts, True, statements)
 
 
 # --- cancellation, closing, sharing ------------------------------------------------------------
@@ -1175,41 +1103,23 @@ async def cancel_running_query(cls: ConnectionClass, dsn: str, how: str) -> Any:
         await cls.connect(dsn, autocommit=True) as conn,
         await cls.connect(dsn, autocommit=True) as observer,
     ):
-        pid = conn.info.backend_pid
-        outcome: dict[str, Any] = {}
-
-        async def query() -> None:
-            try:
-                await conn.execute(SLEEP)
-            except psycopg.Error as exc:
-                outcome["query"] = Raised.of(exc)
-            else:
-                outcome["query"] = "finished"
-
-        started = anyio.current_time()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(query)
-            await wait_until_running(observer, pid, SLEEP)
+        # psycopg has both: cancel() asks the server in a blocking call, cancel_safe() awaits it.
+        async def cancel() -> None:
             if how == "cancel_safe":
                 await conn.cancel_safe()
             else:
                 conn.cancel()
-        quick = anyio.current_time() - started < 8
-        return outcome["query"], quick, status(conn), await one(conn), conn.closed
+
+        query, quick = await interrupt_running_query(conn, observer, cancel)
+        return query, quick, tx_status(conn), await one(conn), conn.closed
 
 
 CANCELED = Raised(psycopg.errors.QueryCanceled, "57014", "canceling statement due to user request")
 
 
-async def test_cancel_safe_from_another_task_stops_the_query(pg_server: PostgresServer) -> None:
-    result = await assert_same(cancel_running_query, pg_server.dsn(), "cancel_safe")
-    assert result == (CANCELED, True, IDLE, (1,), False)
-
-
-async def test_blocking_cancel_from_another_task_stops_the_query(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(cancel_running_query, pg_server.dsn(), "cancel")
+@pytest.mark.parametrize("how", ["cancel_safe", "cancel"], ids=["cancel_safe", "blocking-cancel"])
+async def test_cancel_from_another_task_stops_the_query(dsn: str, how: str) -> None:
+    result = await assert_same(cancel_running_query, dsn, how)
     assert result == (CANCELED, True, IDLE, (1,), False)
 
 
@@ -1217,14 +1127,14 @@ async def cancel_idle(cls: ConnectionClass, dsn: str) -> Any:
     async with await cls.connect(dsn) as conn:
         await conn.cancel_safe()
         conn.cancel()
-        first = status(conn)
+        first = tx_status(conn)
         row = await one(conn, "SELECT 'still here'")
         await conn.cancel_safe()
-        return first, row, status(conn), await one(conn), conn.closed
+        return first, row, tx_status(conn), await one(conn), conn.closed
 
 
-async def test_cancel_on_an_idle_connection_does_nothing(pg_server: PostgresServer) -> None:
-    result = await assert_same(cancel_idle, pg_server.dsn())
+async def test_cancel_on_an_idle_connection_does_nothing(dsn: str) -> None:
+    result = await assert_same(cancel_idle, dsn)
     assert result == (IDLE, ("still here",), INTRANS, (1,), False)
 
 
@@ -1232,41 +1142,19 @@ async def close_during_query(cls: ConnectionClass, dsn: str) -> Any:
     async with await cls.connect(dsn, autocommit=True) as observer:
         conn = await cls.connect(dsn, autocommit=True)
         pid = conn.info.backend_pid
-        outcome: dict[str, Any] = {}
         try:
-
-            async def query() -> None:
-                try:
-                    await conn.execute(SLEEP)
-                except psycopg.Error as exc:
-                    outcome["query"] = Raised.of(exc)
-                else:
-                    outcome["query"] = "finished"
-
-            started = anyio.current_time()
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(query)
-                await wait_until_running(observer, pid, SLEEP)
-                await conn.close()
-            quick = anyio.current_time() - started < 8
+            query, quick = await interrupt_running_query(conn, observer, conn.close)
         finally:
             with anyio.move_on_after(CLEANUP_WAIT, shield=True):
                 await conn.close()
                 # The backend sleeps on without noticing its client went away.
                 await observer.execute("SELECT pg_terminate_backend(%s)", [pid])
-        try:
-            await conn.execute("SELECT 1")
-        except psycopg.Error as exc:
-            after: Any = Raised.of(exc)
-        else:
-            after = "executed"
-        return outcome["query"], quick, conn.closed, status(conn), after
+        after = await attempt(conn.execute("SELECT 1"))
+        return query, quick, conn.closed, tx_status(conn), after
 
 
-async def test_closing_the_connection_during_a_query_fails_the_query(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(close_during_query, pg_server.dsn())
+async def test_closing_the_connection_during_a_query_fails_the_query(dsn: str) -> None:
+    result = await assert_same(close_during_query, dsn)
     assert result == (
         Raised(psycopg.OperationalError, None, "connection socket closed"),
         True,
@@ -1294,13 +1182,11 @@ async def two_tasks(cls: ConnectionClass, dsn: str) -> Any:
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker, "a", 0)
             tg.start_soon(worker, "b", 100)
-        return results, status(conn), await one(conn)
+        return results, tx_status(conn), await one(conn)
 
 
-async def test_two_tasks_share_one_connection_one_query_at_a_time(
-    pg_server: PostgresServer,
-) -> None:
-    result = await assert_same(two_tasks, pg_server.dsn())
+async def test_two_tasks_share_one_connection_one_query_at_a_time(dsn: str) -> None:
+    result = await assert_same(two_tasks, dsn)
     assert result == (
         {"a": list(range(8)), "b": list(range(100, 108))},
         IDLE,
