@@ -90,6 +90,7 @@ def expected_tls(sslmode: str | None, offered: bool, required: bool, refused: bo
 # --- sslmode x server x password --------------------------------------------------
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("password_right", [True, False], ids=["password", "wrong-password"])
 @pytest.mark.parametrize("sslmode", SSLMODES, ids=[str(mode) for mode in SSLMODES])
 @pytest.mark.parametrize("server_name", list(SERVERS))
@@ -119,6 +120,7 @@ async def test_sslmode_against_each_server_as_psycopg(
     assert time.monotonic() - started < CONNECT_TIMEOUT
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("gssencmode", [None, "disable", "prefer"])
 async def test_gssencmode_without_kerberos_connects_as_psycopg(
     tls_server: PostgresServer, gssencmode: str | None
@@ -132,6 +134,7 @@ async def test_gssencmode_without_kerberos_connects_as_psycopg(
     assert result == ("connected", True, True, tls_server.port)
 
 
+@pytest.mark.matrix
 async def test_pgsd_connect_follows_libpq_defaults_against_a_hostnossl_server(
     tls_nossl_server: PostgresServer,
 ) -> None:
@@ -143,6 +146,7 @@ async def test_pgsd_connect_follows_libpq_defaults_against_a_hostnossl_server(
             assert not conn.pgconn.ssl_in_use
 
 
+@pytest.mark.matrix
 async def test_pgsd_connect_reports_a_wrong_password_at_once_on_a_tls_server(
     tls_server: PostgresServer,
 ) -> None:

@@ -141,6 +141,16 @@ def test_cert_users_need_a_tls_server() -> None:
         PostgresServer(cert_users=(CERT_USER,))
 
 
+def test_an_hba_kind_must_be_one_postgresql_knows() -> None:
+    with pytest.raises(ValueError, match="hba must be one of host, hostssl, hostnossl"):
+        PostgresServer(tls=True, hba="hostgssenc")
+
+
+def test_a_tls_only_hba_needs_a_tls_server() -> None:
+    with pytest.raises(ValueError, match='hba="hostssl" needs a server with tls'):
+        PostgresServer(hba="hostssl")
+
+
 def test_plain_tcp_still_works_on_a_tls_server(tls_server: PostgresServer) -> None:
     conninfo = tls_server.dsn(sslmode="disable", connect_timeout=10)
     with psycopg.connect(conninfo) as conn:

@@ -10,7 +10,9 @@ The superuser connects without a password over loopback; every other role
 authenticates with SCRAM, so wrong passwords fail the way they do in
 production. ``PostgresServer(tls=True)`` serves TLS too, with throwaway
 certificates (:class:`TLSFiles`, made with the ``cryptography`` package),
-and ``cert_users`` names roles that must log in with a client certificate.
+and ``cert_users`` names roles that must log in with a client certificate;
+``hba="hostssl"`` or ``"hostnossl"`` admits TCP connections only with TLS, or
+only without it (libpq's default ``sslmode=prefer`` must then retry).
 """
 
 from ._binaries import PostgresBinaries as PostgresBinaries
