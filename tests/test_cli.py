@@ -243,3 +243,37 @@ def test_embedded_demo_is_removed_on_ctrl_c(tmp_path: Path, server_tmpdir: Path)
     assert proc.returncode in (0, 130), err
     assert "Traceback" not in err
     assert list(tmpdir.iterdir()) == []  # the server's directory is gone
+
+
+def test_the_cli_leaves_pgsd_testing_unloaded_until_the_demo_runs() -> None:
+    # pgsd.testing brings subprocesses and the binary installer: only the
+    # embedded demo needs it, so importing the CLI (as `pgsd check` with a
+    # config does) must not load it.
+    probe = (
+        "import sys, pgsd._cli, pgsd._check; "
+        "print(sorted(m for m in sys.modules if m.startswith('pgsd.testing')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        env=clean_env(),
+        check=True,
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_version_is_written_once_in_pyproject(tmp_path: Path) -> None:
+    import importlib.metadata
+    import tomllib
+
+    import pgsd
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    written = tomllib.loads(pyproject.read_text())["project"]["version"]
+    assert pgsd.__version__ == importlib.metadata.version("pgsd") == written
+    sources = Path(pgsd.__file__).parent.rglob("*.py")
+    copies = [path.name for path in sources if f'"{written}"' in path.read_text()]
+    assert copies == []
+    assert run_pgsd("--version", cwd=tmp_path).stdout.strip() == f"pgsd {written}"

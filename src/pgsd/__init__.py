@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import metadata as _metadata
+
 from ._config import ConnectorConfig as ConnectorConfig
 from ._config import DatabaseConfig as DatabaseConfig
 from ._config import PoolConfig as PoolConfig
@@ -35,7 +37,8 @@ from ._version import MIN_SERVER_VERSION as MIN_SERVER_VERSION
 from ._version import ServerVersion as ServerVersion
 from ._version import get_version as get_version
 
-__version__ = "0.1.0"
+#: The installed distribution's version: pyproject.toml is the one place it is written.
+__version__ = _metadata.version("pgsd")
 
 __all__ = [
     "MIN_SERVER_VERSION",

@@ -11,7 +11,7 @@ import statistics
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -22,7 +22,9 @@ from ._connector import DatabaseConnector
 from ._errors import ConfigError
 from ._reports import ConnectionReport
 from ._stats import PoolStats
-from .testing import PostgresServer
+
+if TYPE_CHECKING:
+    from .testing import PostgresServer
 
 __all__ = [
     "BurstResult",
@@ -238,6 +240,10 @@ def embedded_demo() -> Iterator[tuple[ConnectorConfig, PostgresServer]]:
     Raises:
         pgsd.testing.ServerNotFound: no PostgreSQL server binaries here.
     """
+    # Only here: pgsd.testing brings the subprocess and installer machinery,
+    # which nothing but the demo needs.
+    from .testing import PostgresServer
+
     with PostgresServer() as server:
         server.create_database("pgsd_demo")
         password = server.create_role("pgsd_demo_reader")

@@ -24,7 +24,6 @@ from ._check import CheckResult, DatabaseCheck, choose_config, embedded_demo, ru
 from ._config import ConnectorConfig
 from ._errors import ConfigError
 from ._reports import ConnectionReport
-from .testing import ServerNotFound
 
 __all__ = ["main"]
 
@@ -102,6 +101,8 @@ def _check(args: argparse.Namespace) -> int:
     if config is not None:
         result = _run(config, args, demo=False)
     else:
+        from .testing import ServerNotFound  # the demo's only: see embedded_demo
+
         try:
             with embedded_demo() as (config, server):
                 if not args.json:
