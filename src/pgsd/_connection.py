@@ -196,7 +196,16 @@ class _Driver:
         self.gen = gen
         self.state: int | None = None
 
-    async def run(self, waiter: FdWaiter, fileno: int) -> Any:
+    async def run(self, waiter: FdWaiter, fileno: int, deadline: float | None = None) -> Any:
+        """Drive the generator to its end; with a ``deadline``, as psycopg's ``wait_async``.
+
+        Like psycopg, at the deadline the generator is given what the socket
+        holds once more, so that data already there is processed and a
+        timeout of 0 polls once instead of returning nothing.
+
+        Raises:
+            psycopg.errors._WaitTimeout: the deadline passed first.
+        """
         global _last_cancel_check, _last_yield
         gen = self.gen
         try:
@@ -216,7 +225,19 @@ class _Driver:
                     return ex.value
             while True:
                 self.state = state
-                ready = await _wait_fd(waiter, fileno, state)
+                if deadline is None:
+                    ready = await _wait_fd(waiter, fileno, state)
+                else:
+                    try:
+                        ready = await _wait_fd_until(
+                            current_backend().time, deadline, waiter, fileno, state
+                        )
+                    except e._WaitTimeout:
+                        ready = _poll_ready(fileno, state)
+                        if not ready:
+                            raise
+                        gen.send(ready)  # done in time if this raises StopIteration
+                        raise
                 now = _last_yield = monotonic()
                 if now - _last_cancel_check >= _MAX_BUSY:
                     # A socket that is always ready (rows pouring in) makes
@@ -637,7 +658,7 @@ class Connection(psycopg.AsyncConnection[Row]):
             if timeout is None:
                 result: RV = await driver.run(waiter, fileno)
                 return result
-            result = await self._wait_until(driver, waiter, fileno, timeout)
+            result = await driver.run(waiter, fileno, current_backend().time() + timeout)
             return result
         except (anyio.get_cancelled_exc_class(), KeyboardInterrupt):
             if self._abort_on_interrupt:
@@ -654,43 +675,6 @@ class Connection(psycopg.AsyncConnection[Row]):
                 self._fd_waiter = None
                 waiter.forget()
             raise
-
-    async def _wait_until(
-        self,
-        driver: _Driver,
-        waiter: FdWaiter,
-        fileno: int,
-        timeout: float,  # noqa: ASYNC109
-    ) -> Any:
-        """Drive ``driver`` for at most ``timeout`` seconds, as psycopg's ``wait_async``.
-
-        Like psycopg, the generator is given what the socket holds once more
-        when the time is up, so that data already there is processed and a
-        timeout of 0 polls once instead of returning nothing.
-
-        Raises:
-            psycopg.errors._WaitTimeout: not done in time.
-        """
-        clock = current_backend().time
-        deadline = clock() + timeout
-        gen = driver.gen
-        try:
-            state = next(gen) if driver.state is None else driver.state
-            while True:
-                driver.state = state
-                try:
-                    ready = await _wait_fd_until(clock, deadline, waiter, fileno, state)
-                except e._WaitTimeout:
-                    ready = _poll_ready(fileno, state)
-                    if not ready:
-                        raise
-                    state = gen.send(ready)
-                    raise
-                state = gen.send(ready)
-        except StopIteration as ex:
-            return ex.value
-        except OSError as ex:
-            raise e.OperationalError("connection socket closed") from ex
 
     async def ping(self, timeout: float = 5.0) -> float:  # noqa: ASYNC109
         """Send an empty query; return the round trip in seconds.
