@@ -509,11 +509,11 @@ class Connection(psycopg.AsyncConnection[Row]):
     # since a connection that does not answer a ping is not worth saving.
     _abort_on_interrupt: bool = False
     _fd_waiter: FdWaiter | None = None
-    # Set by a pool for the connections it owns: an interrupted query is
-    # left to the pool to settle (cancel request, drain, rollback) after the
-    # borrower is gone, so that a cancelled borrower is not held up by a
-    # server that does not answer.
-    _settle_later: bool = False
+    #: Set by a pool for the connections it owns: a query interrupted by a
+    #: cancellation is left to the pool to :meth:`settle` (cancel request,
+    #: drain) after the borrower is gone, so that a cancelled borrower is not
+    #: held up by a server that does not answer.
+    settle_later: bool = False
     _unsettled: tuple[_Driver, FdWaiter, int] | None = None
     # Set when the lock was released with a query still running (see _lock_released).
     _abandoned: bool = False
@@ -603,7 +603,7 @@ class Connection(psycopg.AsyncConnection[Row]):
             if exc_type is None and not self.closed:
                 await self.commit()  # noqa: ASYNC102 (the block succeeded: an ordinary commit)
         finally:
-            self._abort()
+            self.abort()
 
     @asynccontextmanager
     async def transaction(
@@ -662,8 +662,8 @@ class Connection(psycopg.AsyncConnection[Row]):
             return result
         except (anyio.get_cancelled_exc_class(), KeyboardInterrupt):
             if self._abort_on_interrupt:
-                self._abort()
-            elif self._settle_later and self.pgconn.transaction_status == _ACTIVE:
+                self.abort()
+            elif self.settle_later and self.pgconn.transaction_status == _ACTIVE:
                 self._unsettled = (driver, waiter, fileno)
             else:
                 # Shielded and bounded by cancel_grace inside.
@@ -694,7 +694,7 @@ class Connection(psycopg.AsyncConnection[Row]):
                 return anyio.current_time() - start
         finally:
             self._abort_on_interrupt = False
-        self._abort()
+        self.abort()
         raise e.OperationalError(f"no answer to a ping within {timeout:g} s: connection closed")
 
     def input_pending(self) -> bool:
@@ -709,6 +709,11 @@ class Connection(psycopg.AsyncConnection[Row]):
             return bool(_poll_ready(self.pgconn.socket, _WAIT_R))
         except (OSError, e.OperationalError):
             return True
+
+    @property
+    def transaction_status(self) -> pq.TransactionStatus:
+        """libpq's transaction status: ``IDLE``, ``ACTIVE`` (a command runs), ``INTRANS``..."""
+        return self.pgconn.transaction_status
 
     @property
     def unsettled(self) -> bool:
@@ -761,7 +766,7 @@ class Connection(psycopg.AsyncConnection[Row]):
                 "query not stopped %.1f s after cancellation: closing the connection",
                 self.cancel_grace,
             )
-            self._abort()
+            self.abort()
 
     def _lock_released(self) -> None:
         """Called as the lock is released: note an operation abandoned half-way.
@@ -809,8 +814,12 @@ class Connection(psycopg.AsyncConnection[Row]):
         except e._WaitTimeout:
             raise e.CancellationTimeout("cancellation timeout expired") from None
 
-    def _abort(self) -> None:
-        """Close at once, waking any task that waits on the socket."""
+    def abort(self) -> None:
+        """Close at once, without waiting: tasks waiting on the socket wake up.
+
+        A pool uses it for a connection it gives up on. Unlike :meth:`close`
+        it never yields to the event loop.
+        """
         if self.closed:
             return
         waiter, self._fd_waiter = self._fd_waiter, None
@@ -824,7 +833,7 @@ class Connection(psycopg.AsyncConnection[Row]):
 
     async def close(self) -> None:
         """Close the connection (no I/O wait: libpq sends Terminate and closes)."""
-        self._abort()
+        self.abort()
         await anyio.lowlevel.checkpoint()
 
 
@@ -874,7 +883,7 @@ class _Transaction(psycopg.AsyncTransaction):
                 logger.debug("rollback after error failed: %s", redact(str(ex)))
         if scope.cancel_called:
             logger.warning("rollback not done in %.1f s: closing the connection", conn.cancel_grace)
-        conn._abort()
+        conn.abort()
         return False
 
 

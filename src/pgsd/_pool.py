@@ -665,7 +665,7 @@ class ConnectionPool:
         if entry in self._entries:
             self._entries.discard(entry)
             self._closed_count += 1
-        entry.conn._abort()
+        entry.conn.abort()
         self._notify()
         self._grow()
 
@@ -749,14 +749,14 @@ class ConnectionPool:
                         f"pool {self.name!r}: the configure hook left a transaction open"
                     )
         except BaseException:
-            conn._abort()
+            conn.abort()
             raise
         return conn
 
     def _add(self, conn: Connection[Any]) -> None:
         self._opened += 1
         if self._closed:
-            conn._abort()
+            conn.abort()
             return
         if self._state != "up":
             self._recovered()
@@ -764,7 +764,7 @@ class ConnectionPool:
         jitter = self.pool_config.lifetime_jitter
         lifetime = self.pool_config.max_lifetime * (1.0 - jitter * random.random())
         entry = _Entry(conn, now, lifetime)
-        conn._settle_later = True
+        conn.settle_later = True
         self._entries.add(entry)
         self._put_back(entry)
         # wait_ready() counts connections: wake it even when a waiter got this one.
