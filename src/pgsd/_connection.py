@@ -713,7 +713,7 @@ class Connection(psycopg.AsyncConnection[Row]):
     @property
     def transaction_status(self) -> pq.TransactionStatus:
         """libpq's transaction status: ``IDLE``, ``ACTIVE`` (a command runs), ``INTRANS``..."""
-        return self.pgconn.transaction_status
+        return pq.TransactionStatus(self.pgconn.transaction_status)
 
     @property
     def unsettled(self) -> bool:
