@@ -10,6 +10,7 @@ import psycopg.errors
 import pytest
 
 import pgsd
+from pgsd import _errors
 from pgsd._errors import connect_error_from, format_address, redact
 
 SECRET = "s3cr3t-Pa55"
@@ -605,3 +606,48 @@ def test_redact(text: str, expected: str) -> None:
 )
 def test_format_address(host: str | None, port: str | int | None, expected: str) -> None:
     assert format_address(host, port) == expected
+
+
+# What the pool does after an error --------------------------------------------
+
+
+def _with_sqlstate(sqlstate: str | None) -> Exception:
+    error = Exception("x")
+    error.sqlstate = sqlstate  # type: ignore[attr-defined]
+    return error
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "wants_primary", "expected"),
+    [
+        ("08006", False, True),  # connection failure
+        ("08003", False, True),  # connection does not exist
+        ("57P01", False, True),  # admin shutdown
+        ("57P02", False, True),  # crash shutdown
+        ("57P03", False, True),  # cannot connect now
+        ("25006", True, True),  # read-only transaction, on a database asking for a primary
+        ("25006", False, False),  # ... on one that does not
+        ("23505", True, False),  # unique violation: the statement's fault, not the connection's
+        ("57014", False, False),  # query cancelled
+        (None, False, False),
+    ],
+)
+def test_which_errors_evict_a_connection(
+    sqlstate: str | None, wants_primary: bool, expected: bool
+) -> None:
+    assert _errors.evicts(_with_sqlstate(sqlstate), wants_primary=wants_primary) is expected
+    assert _errors.evicts(None, wants_primary=wants_primary) is False
+
+
+def test_which_failed_attempts_make_a_database_unreachable_or_fail_fast() -> None:
+    unavailable = pgsd.ServerUnavailable("the server is not answering", database="db")
+    timeout = pgsd.ConnectTimeout("no answer in 5 s", database="db")
+    auth = pgsd.AuthenticationError("password authentication failed", database="db")
+    old = pgsd.UnsupportedServerVersion(120000, minimum=130000, database="db")
+    assert _errors.unreachable(unavailable)
+    assert _errors.unreachable(timeout)
+    assert not _errors.unreachable(auth)
+    assert _errors.fails_fast(auth, ever_connected=False)
+    assert not _errors.fails_fast(auth, ever_connected=True)
+    assert _errors.fails_fast(old, ever_connected=True)
+    assert not _errors.fails_fast(unavailable, ever_connected=False)

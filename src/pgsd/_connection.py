@@ -80,6 +80,8 @@ _WAIT_W: Final = Wait.W
 _READY_R: Final = Ready.R
 _READY_W: Final = Ready.W
 _ACTIVE: Final = pq.TransactionStatus.ACTIVE
+#: libpq's transaction statuses by number (0 to 4): a lookup, not an enum call.
+_TRANSACTION_STATUSES: Final = tuple(sorted(pq.TransactionStatus, key=int))
 _POLL_OK: Final = pq.PollingStatus.OK
 _POLL_READING: Final = pq.PollingStatus.READING
 _POLL_WRITING: Final = pq.PollingStatus.WRITING
@@ -713,7 +715,7 @@ class Connection(psycopg.AsyncConnection[Row]):
     @property
     def transaction_status(self) -> pq.TransactionStatus:
         """libpq's transaction status: ``IDLE``, ``ACTIVE`` (a command runs), ``INTRANS``..."""
-        return pq.TransactionStatus(self.pgconn.transaction_status)
+        return _TRANSACTION_STATUSES[self.pgconn.transaction_status]
 
     @property
     def unsettled(self) -> bool:

@@ -309,6 +309,58 @@ _BY_SQLSTATE: dict[str, type[ConnectError]] = {
     "57P03": ServerUnavailable,  # cannot_connect_now
 }
 
+# What the pool does after an error: evict the connection, call the
+# database down, or fail waiters at once. The rules live here, beside the
+# classes they test, so that a new SQLSTATE rule has one place to go.
+
+#: SQLSTATEs after which a connection is not worth keeping: connection
+#: exceptions (class 08) and the server going away (admin shutdown, crash
+#: shutdown, cannot connect now).
+_EVICT_SQLSTATE_PREFIXES: tuple[str, ...] = ("08", "57P01", "57P02", "57P03")
+#: cannot execute ... in a read-only transaction: a demoted primary.
+_READ_ONLY_SQLSTATE = "25006"
+
+
+def evicts(exc: BaseException | None, *, wants_primary: bool) -> bool:
+    """Whether an error a borrower met means its connection is not worth keeping.
+
+    A lost connection or a server shutting down; and, when the database asks
+    for a read-write server, a write refused as read-only (SQLSTATE 25006)
+    by a server that was the primary when connected and has been demoted.
+    """
+    sqlstate = getattr(exc, "sqlstate", None)
+    if not isinstance(sqlstate, str):
+        return False
+    if sqlstate.startswith(_EVICT_SQLSTATE_PREFIXES):
+        return True
+    return wants_primary and sqlstate == _READ_ONLY_SQLSTATE
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether a failed connection attempt means the server cannot be reached.
+
+    One refused attempt beside live connections (the server's connection
+    limit, a password being rotated) does not make a database down; a
+    server that does not answer does.
+    """
+    return isinstance(error, (ServerUnavailable, ConnectTimeout))
+
+
+def fails_fast(error: BaseException, *, ever_connected: bool) -> bool:
+    """Whether waiting is unlikely to cure a failed connection attempt.
+
+    A server older than the minimum always; a wrong password, a missing
+    database or a TLS misconfiguration only before the first success: a
+    mistake in the configuration should be seen at once, while after a
+    success they are likely passing (rotation, restore, renewal).
+    """
+    if isinstance(error, UnsupportedServerVersion):
+        return True
+    return not ever_connected and isinstance(
+        error, (AuthenticationError, DatabaseNotFound, TLSError)
+    )
+
+
 # TLS failures as libpq words them, each with what it means and what to do.
 # They are configuration mistakes, not outages. A connection lost during the
 # handshake ("SSL error: unexpected eof while reading") is not among them.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["PoolState", "PoolStats"]
+__all__ = ["PoolCounters", "PoolState", "PoolStats"]
 
 #: ``opening``: no connection attempt has finished yet; ``up``: the last one
 #: succeeded; ``down``: the last one failed and the pool is retrying;
@@ -64,3 +64,73 @@ class PoolStats:
     connections_lost: int
     reconnect_attempts: int
     leaks: int
+
+
+class PoolCounters:
+    """The counters a pool keeps: plain slots, bumped in place on the hot path."""
+
+    __slots__ = (
+        "acquires",
+        "closed",
+        "errors",
+        "leaks",
+        "lost",
+        "opened",
+        "reconnects",
+        "timeouts",
+        "wait_max",
+        "wait_total",
+    )
+
+    def __init__(self) -> None:
+        self.acquires = 0
+        self.wait_total = 0.0
+        self.wait_max = 0.0
+        self.timeouts = 0
+        self.errors = 0
+        self.opened = 0
+        self.closed = 0
+        self.lost = 0
+        self.reconnects = 0
+        self.leaks = 0
+
+    def waited(self, seconds: float) -> None:
+        """Count one acquire's wait."""
+        self.wait_total += seconds
+        if seconds > self.wait_max:
+            self.wait_max = seconds
+
+    def snapshot(
+        self,
+        *,
+        name: str,
+        state: PoolState,
+        min_size: int,
+        max_size: int,
+        size: int,
+        idle: int,
+        opening: int,
+        waiting: int,
+    ) -> PoolStats:
+        """The counters with the pool's gauges, frozen."""
+        return PoolStats(
+            name=name,
+            state=state,
+            min_size=min_size,
+            max_size=max_size,
+            size=size,
+            idle=idle,
+            in_use=size - idle,
+            opening=opening,
+            waiting=waiting,
+            acquires=self.acquires,
+            wait_time_total=self.wait_total,
+            wait_time_max=self.wait_max,
+            timeouts=self.timeouts,
+            errors=self.errors,
+            connections_opened=self.opened,
+            connections_closed=self.closed,
+            connections_lost=self.lost,
+            reconnect_attempts=self.reconnects,
+            leaks=self.leaks,
+        )

@@ -1,0 +1,18 @@
+"""One database's connection pool, in parts (see README's "Architecture").
+
+`pool` holds `ConnectionPool`: its lifecycle, the lease and the hot path.
+The parts it delegates to, each one job:
+
+* `waiters`: the tasks waiting for a connection, FIFO, and their deadlines;
+* `availability`: up or down, the last error, backoff, fail fast, callbacks;
+* `filler`: how many connections are wanted, and the attempts that open them;
+* `cleanup`: taking a connection back clean, or replacing it;
+* `maintenance`: idle and lifetime expiry, leak reports, health checks;
+* `entry`: one pooled connection's bookkeeping.
+"""
+
+from .availability import StateCallback
+from .entry import ConnectionFactory
+from .pool import ConnectionPool, Hook
+
+__all__ = ["ConnectionFactory", "ConnectionPool", "Hook", "StateCallback"]
