@@ -85,11 +85,12 @@ class DatabaseConnector:
         # whatever name it carries.
         self._by_config: dict[DatabaseConfig, ConnectionPool] = {}
         for name, database in config.databases.items():
-            self._register(self._make_pool(name, database, config.pool_config(name)), database)
+            self._pools[name] = pool = self._make_pool(name, database, config.pool_config(name))
+            self._register(pool, database)
         self._task_group: anyio.abc.TaskGroup | None = None
         self._closing: anyio.Event | None = None
         self._new_pool_lock: anyio.Lock | None = None
-        self._warming: dict[str, anyio.CancelScope] = {}
+        self._warming = _WarmUp()
         self._entered = False
 
     def __repr__(self) -> str:
@@ -118,7 +119,9 @@ class DatabaseConnector:
             # after the other still connects to every database concurrently.
             for pool in list(self._pools.values()):
                 await task_group.start(self._run_pool, pool)
-            await self._warm_up()
+            pools = [self._pools[name] for name in self.config.databases]
+            await self._warming.run(pools)
+            _log_open(pools)
         except BaseException:
             await self._close()  # noqa: ASYNC102 (shielded inside, bounded by close_timeout)
             raise
@@ -156,33 +159,8 @@ class DatabaseConnector:
             task_status.started()
             await self._closing.wait()
 
-    async def _warm_up(self) -> None:
-        pools = [self._pools[name] for name in self.config.databases]
-        async with anyio.create_task_group() as task_group:
-            for pool in pools:
-                task_group.start_soon(self._wait_first_connection, pool)
-        _log_open(pools)
-
-    async def _wait_first_connection(self, pool: ConnectionPool) -> None:
-        """Wait for the pool's first connections; give up at its first failed attempt."""
-        if pool.pool_config.min_size == 0:
-            return  # such a pool connects on first use only
-        with anyio.CancelScope() as scope:
-            # _pool_down() cancels this scope: waiting for the backoff to
-            # come round again would only delay the other databases.
-            self._warming[pool.name] = scope
-            try:
-                if pool.state != "down":
-                    await pool.wait_ready(pool.config.connect_timeout)
-            except PgsdError:
-                pass  # reported by _log_open from the pool's state and last error
-            finally:
-                del self._warming[pool.name]
-
     def _pool_down(self, name: str, error: BaseException | None) -> Any:
-        scope = self._warming.get(name)
-        if scope is not None:
-            scope.cancel()
+        self._warming.stop(name)
         if self._on_down is not None:
             return self._on_down(name, error)
         return None
@@ -190,17 +168,15 @@ class DatabaseConnector:
     # -- pools -----------------------------------------------------------------
 
     def _make_pool(
-        self, name: str, database: DatabaseConfig, pool_config: PoolConfig
+        self, name: str, database: DatabaseConfig, pool_config: PoolConfig | None
     ) -> ConnectionPool:
-        pool = ConnectionPool(
+        return ConnectionPool(
             database,
             pool_config,
             name=name,
             on_down=self._pool_down,
             on_recovered=self._on_recovered,
         )
-        self._pools[name] = pool
-        return pool
 
     def _register(self, pool: ConnectionPool, database: DatabaseConfig) -> None:
         self._by_config.setdefault(database, pool)
@@ -242,13 +218,7 @@ class DatabaseConnector:
             if self._task_group is None:
                 raise PoolClosed("the connector is closed")
             name = self._new_name(database)
-            pool = ConnectionPool(
-                database,
-                database.pool or self.config.pool,
-                name=name,
-                on_down=self._pool_down,
-                on_recovered=self._on_recovered,
-            )
+            pool = self._make_pool(name, database, database.pool or self.config.pool)
             await self._task_group.start(self._run_pool, pool)
             self._pools[name] = pool
             self._register(pool, database)
@@ -402,18 +372,8 @@ class DatabaseConnector:
         reports: dict[str, ConnectionReport] = {}
         async with anyio.create_task_group() as task_group:
             for name in self.config.databases:
-                task_group.start_soon(self._verify_into, name, reports, on_report)
+                task_group.start_soon(_verify_into, self, name, reports, on_report)
         return {name: reports[name] for name in self.config.databases}
-
-    async def _verify_into(
-        self,
-        name: str,
-        reports: dict[str, ConnectionReport],
-        on_report: Callable[[str, ConnectionReport], object] | None,
-    ) -> None:
-        reports[name] = report = await self.verify_connection(name)
-        if on_report is not None:
-            on_report(name, report)
 
 
 class _NewPoolLease:
@@ -446,6 +406,52 @@ class _NewPoolLease:
         if lease is not None:
             # The pool's return is shielded and bounded by cancel_grace.
             await lease.__aexit__(exc_type, exc, tb)  # noqa: ASYNC102
+
+
+async def _verify_into(
+    connector: DatabaseConnector,
+    name: str,
+    reports: dict[str, ConnectionReport],
+    on_report: Callable[[str, ConnectionReport], object] | None,
+) -> None:
+    reports[name] = report = await connector.verify_connection(name)
+    if on_report is not None:
+        on_report(name, report)
+
+
+class _WarmUp:
+    """Opening a connector: wait for each pool's first connections, all at once.
+
+    A pool's wait ends at its first failed attempt (`stop`, called when the
+    pool goes down): waiting for the backoff to come round again would only
+    delay the other databases.
+    """
+
+    def __init__(self) -> None:
+        self._scopes: dict[str, anyio.CancelScope] = {}
+
+    async def run(self, pools: list[ConnectionPool]) -> None:
+        async with anyio.create_task_group() as task_group:
+            for pool in pools:
+                task_group.start_soon(self._wait_first_connection, pool)
+
+    def stop(self, name: str) -> None:
+        scope = self._scopes.get(name)
+        if scope is not None:
+            scope.cancel()
+
+    async def _wait_first_connection(self, pool: ConnectionPool) -> None:
+        if pool.pool_config.min_size == 0:
+            return  # such a pool connects on first use only
+        with anyio.CancelScope() as scope:
+            self._scopes[pool.name] = scope
+            try:
+                if pool.state != "down":
+                    await pool.wait_ready(pool.config.connect_timeout)
+            except PgsdError:
+                pass  # reported by _log_open from the pool's state and last error
+            finally:
+                del self._scopes[pool.name]
 
 
 def _unnamed(database: DatabaseConfig) -> DatabaseConfig:

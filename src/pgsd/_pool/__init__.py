@@ -3,6 +3,7 @@
 `pool` holds `ConnectionPool`: its lifecycle, the lease and the hot path.
 The parts it delegates to, each one job:
 
+* `lending`: lending when the hot path cannot (queueing, checking, loans);
 * `waiters`: the tasks waiting for a connection, FIFO, and their deadlines;
 * `availability`: up or down, the last error, backoff, fail fast, callbacks;
 * `filler`: how many connections are wanted, and the attempts that open them;

@@ -23,6 +23,7 @@ import anyio.abc
 import psycopg
 
 from .entry import PING_TIMEOUT, Entry
+from .lending import take_back_interrupted
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
@@ -108,7 +109,7 @@ class Maintenance:
             pool._counters.lost += 1
             pool._discard(entry)
         except BaseException:
-            pool._take_back_interrupted(entry)
+            take_back_interrupted(pool, entry)
             raise
         else:
             entry.checked = pool._now()

@@ -9,43 +9,39 @@ queries) are children of its own task group: nothing outlives
 
 On the hot path (a connection idle, nobody waiting) an acquire and a
 release are a few attribute updates: no task, no cancel scope, no lock, no
-log line. The other parts: `waiters` (the queue and its deadlines),
-`availability` (up, down, backoff, fail fast), `filler` (opening
-connections), `cleanup` (taking them back), `maintenance` (expiry, leaks,
-health checks).
+log line. The other parts: `lending` (the slow path: queueing, checking),
+`waiters` (the queue and its deadlines), `availability` (up, down,
+backoff, fail fast), `filler` (opening connections), `cleanup` (taking
+them back), `maintenance` (expiry, leaks, health checks).
 """
 
 from __future__ import annotations
 
 import logging
-import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
-from typing import Any, Final
+from typing import Any
 
 import anyio
 import anyio.abc
-import psycopg
 
 from .._backend import current_backend
 from .._config import DatabaseConfig, PoolConfig
 from .._connection import Connection, connect
-from .._errors import PoolClosed, PoolTimeout, TooManyWaiters
+from .._errors import PoolClosed
 from .._stats import PoolCounters, PoolState, PoolStats
 from .availability import Availability, StateCallback
 from .cleanup import release
 from .entry import IDLE, PING_TIMEOUT, ConnectionFactory, Entry
 from .filler import Filler
+from .lending import acquire, timeout_error, worth_checking
 from .maintenance import Maintenance
 from .waiters import WaiterQueue
 
 __all__ = ["ConnectionPool", "Hook"]
 
 logger = logging.getLogger("pgsd.pool")
-
-#: Idle for longer than this, a connection's socket is checked for unasked input.
-_INPUT_CHECK_AFTER: Final = 0.001
 
 Hook = Callable[[Connection[Any]], Awaitable[None]]
 
@@ -64,7 +60,7 @@ class _Lease:
         pool = self._pool
         entry = pool._lend_now()
         if entry is None:
-            entry = await pool._acquire(self._timeout)
+            entry = await acquire(pool, self._timeout)
         self._entry = entry
         return entry.conn
 
@@ -294,7 +290,7 @@ class ConnectionPool:
                     raise error
                 await self._wait_changed()
             return
-        raise self._timeout_error(limit, "to open")
+        raise timeout_error(self, limit, "to open")
 
     async def ping(self) -> float:
         """Borrow a connection and ping it; return the round trip in seconds.
@@ -337,111 +333,11 @@ class ConnectionPool:
         if not idle or self._waiters.count or self._track_stacks or self._closed:
             return None
         entry = idle[-1]
-        if self._worth_checking(entry, self._now()):
+        if worth_checking(entry, self._now(), self._ping_after_idle):
             return None
         idle.pop()
         self._counters.acquires += 1
         return entry
-
-    async def _acquire(self, limit: float | None) -> Entry:
-        if self._closed:
-            raise PoolClosed(f"pool {self.name!r} is closed")
-        start = self._now()
-        if limit is None:
-            limit = self._acquire_timeout
-        deadline = start + limit
-        waited = False
-        while True:
-            entry = None
-            if self._idle and not self._waiters.count:  # FIFO: nobody jumps the queue
-                entry = self._idle.pop()  # the most recently used: idle ones expire
-            if entry is None:
-                waited = True
-                entry = await self._wait_for_entry(deadline, limit)
-            if self._worth_checking(entry, start) and not await self._check(entry, deadline):
-                continue
-            break
-        self._counters.acquires += 1
-        if waited:
-            self._counters.waited(self._now() - start)
-        if self._track_stacks:
-            entry.borrowed_at = self._now()
-            entry.stack = traceback.StackSummary.from_list(traceback.extract_stack()[:-2])
-            entry.leak_reported = False
-        return entry
-
-    async def _wait_for_entry(self, deadline: float, limit: float) -> Entry:
-        waiters = self._waiters
-        error = self._availability.fail_fast_error(connections=len(self._entries))
-        if error is not None:
-            raise error
-        max_waiting = self.pool_config.max_waiting
-        if max_waiting and waiters.count >= max_waiting:
-            raise TooManyWaiters(
-                f"pool {self.name!r}: {waiters.count} tasks already wait for a connection"
-                f" (max_waiting={max_waiting})"
-            )
-        waiter = waiters.add(
-            deadline, current_backend().waker(), default_timeout=limit == self._acquire_timeout
-        )
-        self._filler.grow()
-        try:
-            await waiter.waker.wait()
-        except BaseException:
-            handed = waiters.abandon(waiter)
-            if handed is not None:
-                self._put_back(handed)  # never strand what it was handed
-            raise
-        if waiter.entry is not None:
-            return waiter.entry
-        assert waiter.error is not None
-        if isinstance(waiter.error, PoolTimeout):
-            self._counters.timeouts += 1
-            raise self._timeout_error(limit, "for a connection") from self.last_error
-        raise waiter.error
-
-    def _timeout_error(self, limit: float, what: str) -> PoolTimeout:
-        """The message of a timeout: what the pool looked like, and why (no side effect)."""
-        size = len(self._entries)
-        parts = [
-            f"pool {self.name!r} ({self.config.address}): no connection within {limit:g} s"
-            f" waiting {what}",
-            f"state {self.state}, size {size}/{self._max_size},"
-            f" in use {size - len(self._idle)}, other waiters {self._waiters.count}",
-            *self._availability.describe(),
-        ]
-        return PoolTimeout("; ".join(parts))
-
-    def _worth_checking(self, entry: Entry, now: float) -> bool:
-        """HikariCP's rule: check a connection that sat idle, or that heard from the server."""
-        conn = entry.conn
-        if conn.closed:
-            return True
-        idle = now - entry.last_used
-        if idle > self._ping_after_idle:
-            return True
-        # Unasked input (a terminated backend's last words) on a connection
-        # idle for a while. Under load connections are idle for microseconds:
-        # skip the system call then.
-        return idle > _INPUT_CHECK_AFTER and conn.input_pending()
-
-    async def _check(self, entry: Entry, deadline: float) -> bool:
-        """Ping before lending; a dead connection is replaced unseen."""
-        conn = entry.conn
-        if not conn.closed:
-            limit = min(PING_TIMEOUT, max(0.0, deadline - self._now()))
-            try:
-                await conn.ping(limit)
-            except psycopg.Error:
-                pass
-            except BaseException:
-                self._take_back_interrupted(entry)
-                raise
-            else:
-                return True
-        self._counters.lost += 1
-        self._discard(entry)
-        return False
 
     # -- taking back -------------------------------------------------------------
 
@@ -470,13 +366,6 @@ class ConnectionPool:
         if not self._waiters.grant(entry):
             self._idle.append(entry)
             self._notify()
-
-    def _take_back_interrupted(self, entry: Entry) -> None:
-        """After a cancelled ping: keep the connection if the ping never started."""
-        if entry.conn.closed:  # an interrupted ping closes its connection
-            self._discard(entry)
-        else:
-            self._put_back(entry)
 
     def _discard(self, entry: Entry) -> None:
         """Close a connection and forget it; open a replacement if needed."""

@@ -1,0 +1,144 @@
+"""Lending when the hot path cannot: waiting in the queue, checking, tracking loans.
+
+`ConnectionPool._lend_now` lends an idle connection that needs no check
+when nobody waits. Otherwise `acquire` runs: it takes an idle connection or
+queues (FIFO, with a deadline), pings a connection that sat idle or heard
+from the server (HikariCP's rule) and replaces a dead one unseen, and, with
+``leak_threshold``, notes where the loan was made.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import TYPE_CHECKING, Final
+
+import psycopg
+
+from .._backend import current_backend
+from .._errors import PoolClosed, PoolTimeout, TooManyWaiters
+from .entry import PING_TIMEOUT, Entry
+
+if TYPE_CHECKING:
+    from .pool import ConnectionPool
+
+__all__ = ["acquire", "take_back_interrupted", "timeout_error", "worth_checking"]
+
+#: Idle for longer than this, a connection's socket is checked for unasked input.
+_INPUT_CHECK_AFTER: Final = 0.001
+
+
+async def acquire(pool: ConnectionPool, limit: float | None) -> Entry:
+    """A connection for a borrower, within *limit* seconds (default ``acquire_timeout``)."""
+    if pool._closed:
+        raise PoolClosed(f"pool {pool.name!r} is closed")
+    start = pool._now()
+    if limit is None:
+        limit = pool._acquire_timeout
+    deadline = start + limit
+    waited = False
+    while True:
+        entry = None
+        if pool._idle and not pool._waiters.count:  # FIFO: nobody jumps the queue
+            entry = pool._idle.pop()  # the most recently used: idle ones expire
+        if entry is None:
+            waited = True
+            entry = await _wait_for_entry(pool, deadline, limit)
+        if worth_checking(entry, start, pool._ping_after_idle) and not await _check(
+            pool, entry, deadline
+        ):
+            continue
+        break
+    counters = pool._counters
+    counters.acquires += 1
+    if waited:
+        counters.waited(pool._now() - start)
+    if pool._track_stacks:
+        entry.borrowed_at = pool._now()
+        entry.stack = traceback.StackSummary.from_list(traceback.extract_stack()[:-2])
+        entry.leak_reported = False
+    return entry
+
+
+async def _wait_for_entry(pool: ConnectionPool, deadline: float, limit: float) -> Entry:
+    waiters = pool._waiters
+    error = pool._availability.fail_fast_error(connections=len(pool._entries))
+    if error is not None:
+        raise error
+    max_waiting = pool.pool_config.max_waiting
+    if max_waiting and waiters.count >= max_waiting:
+        raise TooManyWaiters(
+            f"pool {pool.name!r}: {waiters.count} tasks already wait for a connection"
+            f" (max_waiting={max_waiting})"
+        )
+    waiter = waiters.add(
+        deadline, current_backend().waker(), default_timeout=limit == pool._acquire_timeout
+    )
+    pool._filler.grow()
+    try:
+        await waiter.waker.wait()
+    except BaseException:
+        handed = waiters.abandon(waiter)
+        if handed is not None:
+            pool._put_back(handed)  # never strand what it was handed
+        raise
+    if waiter.entry is not None:
+        return waiter.entry
+    assert waiter.error is not None
+    if isinstance(waiter.error, PoolTimeout):
+        pool._counters.timeouts += 1
+        raise timeout_error(pool, limit, "for a connection") from pool.last_error
+    raise waiter.error
+
+
+def timeout_error(pool: ConnectionPool, limit: float, what: str) -> PoolTimeout:
+    """A timeout that says what the pool looked like, and why (counts nothing)."""
+    size = len(pool._entries)
+    parts = [
+        f"pool {pool.name!r} ({pool.config.address}): no connection within {limit:g} s"
+        f" waiting {what}",
+        f"state {pool.state}, size {size}/{pool._max_size},"
+        f" in use {size - len(pool._idle)}, other waiters {pool._waiters.count}",
+        *pool._availability.describe(),
+    ]
+    return PoolTimeout("; ".join(parts))
+
+
+def worth_checking(entry: Entry, now: float, ping_after_idle: float) -> bool:
+    """HikariCP's rule: check a connection that sat idle, or that heard from the server."""
+    conn = entry.conn
+    if conn.closed:
+        return True
+    idle = now - entry.last_used
+    if idle > ping_after_idle:
+        return True
+    # Unasked input (a terminated backend's last words) on a connection idle
+    # for a while. Under load connections are idle for microseconds: skip
+    # the system call then.
+    return idle > _INPUT_CHECK_AFTER and conn.input_pending()
+
+
+async def _check(pool: ConnectionPool, entry: Entry, deadline: float) -> bool:
+    """Ping before lending; a dead connection is replaced unseen."""
+    conn = entry.conn
+    if not conn.closed:
+        limit = min(PING_TIMEOUT, max(0.0, deadline - pool._now()))
+        try:
+            await conn.ping(limit)
+        except psycopg.Error:
+            pass
+        except BaseException:
+            take_back_interrupted(pool, entry)
+            raise
+        else:
+            return True
+    pool._counters.lost += 1
+    pool._discard(entry)
+    return False
+
+
+def take_back_interrupted(pool: ConnectionPool, entry: Entry) -> None:
+    """After a cancelled ping: keep the connection if the ping never started."""
+    if entry.conn.closed:  # an interrupted ping closes its connection
+        pool._discard(entry)
+    else:
+        pool._put_back(entry)
