@@ -12,9 +12,9 @@ default:
 setup:
     @bash scripts/setup.sh
 
-# run the whole test suite against a throwaway server (PGSD_TEST_PG=N picks the major)
+# run the whole test suite against a throwaway server (PGSD_TEST_PG=N picks the major), with branch coverage
 test *args: setup
-    {{python}} -m pytest {{args}}
+    {{python}} -m pytest --cov --cov-report=term {{args}}
 
 # run the version-sensitive tests (-m matrix) on every major, installing missing ones from npm
 test-matrix *majors="13 14 15 16 17 18": setup

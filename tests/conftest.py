@@ -22,6 +22,13 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture
+def own_server() -> Iterator[PostgresServer]:
+    """A server of the test's own, free to stop, kill and restart."""
+    with PostgresServer() as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:
     """The session's server: the newest installed, or PGSD_TEST_PG's major."""

@@ -66,6 +66,51 @@ async def server_connections(server: PostgresServer, application_name: str) -> i
     return int(row[0])
 
 
+@contextlib.asynccontextmanager
+async def open_pool(
+    config: pgsd.DatabaseConfig, **pool_options: Any
+) -> AsyncIterator[pgsd.ConnectionPool]:
+    """A pool with these options; once closed, its invariants hold and it holds nothing."""
+    async with pgsd.ConnectionPool(config, pgsd.PoolConfig(**pool_options)) as pool:
+        yield pool
+    assert_invariants(pool.stats())
+    assert pool.stats().size == 0
+
+
+@dataclass
+class Tally:
+    """What a load's cycles did; counters only, so that counting holds no memory."""
+
+    cycles: int = 0
+    lent: int = 0
+    queries: int = 0
+    handovers: int = 0
+    cancelled_waiting: int = 0
+    timeouts: int = 0
+    cancelled_mid_query: int = 0
+
+
+#: The keys of `ConnectionReport.to_dict()` (and of each database in
+#: ``pgsd check --json``, which adds ``missing``, ``burst`` and ``pool``).
+REPORT_KEYS = frozenset(
+    {
+        "name",
+        "ok",
+        "error",
+        "latency_ms",
+        "version",
+        "supported",
+        "permissions",
+        "tls",
+        "tls_version",
+        "tls_cipher",
+        "host",
+        "port",
+    }
+)
+VERSION_KEYS = frozenset({"major", "minor", "num", "text"})
+
+
 async def wait_until_gone(server: PostgresServer, application_name: str) -> None:
     """Backends exit just after their client closes: poll, bounded in count."""
     for _ in range(1000):

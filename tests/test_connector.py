@@ -14,6 +14,7 @@ import pytest
 
 import pgsd
 from pgsd.testing import PostgresServer, free_port
+from support import REPORT_KEYS, VERSION_KEYS
 
 pytestmark = pytest.mark.anyio
 
@@ -216,21 +217,8 @@ async def test_report_to_dict_is_json_ready(config: pgsd.ConnectorConfig) -> Non
             reports = await connector.verify_all()
     data = json.loads(json.dumps({name: r.to_dict() for name, r in reports.items()}))
     first = data["first"]
-    assert set(first) == {
-        "name",
-        "ok",
-        "error",
-        "latency_ms",
-        "version",
-        "supported",
-        "permissions",
-        "tls",
-        "tls_version",
-        "tls_cipher",
-        "host",
-        "port",
-    }
-    assert set(first["version"]) == {"major", "minor", "num", "text"}
+    assert set(first) == REPORT_KEYS
+    assert set(first["version"]) == VERSION_KEYS
     assert set(first["permissions"]) == {
         "user",
         "is_superuser",

@@ -21,7 +21,6 @@ import gc
 import os
 import time
 import tracemalloc
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import pytest
 
 import pgsd
 from pgsd.testing import PostgresServer
-from support import ServerBackends, invariants_hold, wait_until_gone, watching
+from support import ServerBackends, Tally, invariants_hold, wait_until_gone, watching
 
 # -- the suite's leak checks -------------------------------------------------------
 
@@ -223,18 +222,6 @@ SAMPLE_PACE = 0.01
 STALE_TIMERS = 2_000
 #: Lines of the comparison shown when the memory grew too much.
 TOP_LINES = 15
-
-
-@dataclass
-class Tally:
-    """What the cycles did; counters only, so that the count itself holds no memory."""
-
-    cycles: int = 0
-    lent: int = 0
-    handovers: int = 0
-    cancelled_waiting: int = 0
-    timeouts: int = 0
-    cancelled_mid_query: int = 0
 
 
 class Cycles:

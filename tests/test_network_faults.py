@@ -26,7 +26,7 @@ from support import assert_invariants, unique_name
 pytestmark = pytest.mark.anyio
 
 #: Scheduling delay a deadline may see on a loaded machine (seconds).
-MARGIN = 0.25
+MARGIN = 0.5
 
 
 @contextlib.asynccontextmanager

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import anyio
@@ -12,7 +11,7 @@ import pytest
 
 import pgsd
 from pgsd.testing import PgBouncer, PostgresServer
-from support import server_connections, unique_name
+from support import open_pool, server_connections, unique_name
 
 pytestmark = pytest.mark.anyio
 
@@ -61,16 +60,6 @@ def session_bouncer(module_bouncer: PgBouncer, account: Account) -> Iterator[PgB
 def bouncer_config(bouncer: PgBouncer, account: Account, **overrides: Any) -> pgsd.DatabaseConfig:
     overrides.setdefault("application_name", unique_name())
     return pgsd.DatabaseConfig.from_dsn(bouncer.dsn(account.dbname, account.role), **overrides)
-
-
-@contextlib.asynccontextmanager
-async def open_pool(
-    config: pgsd.DatabaseConfig, **pool_options: Any
-) -> AsyncIterator[pgsd.ConnectionPool]:
-    async with pgsd.ConnectionPool(config, pgsd.PoolConfig(**pool_options)) as pool:
-        yield pool
-    stats = pool.stats()
-    assert stats.size == stats.idle + stats.in_use == 0
 
 
 async def running_queries(server: PostgresServer, account: Account, text: str) -> int:

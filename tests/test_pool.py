@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import anyio
 import psycopg
@@ -15,26 +12,19 @@ import pytest
 
 import pgsd
 from pgsd.testing import PostgresServer, free_port
-from support import assert_invariants, db_config, server_connections, wait_until_gone
+from support import (
+    assert_invariants,
+    db_config,
+    open_pool,
+    server_connections,
+    wait_until_gone,
+)
 
 pytestmark = pytest.mark.anyio
 
-
-@contextlib.asynccontextmanager
-async def open_pool(
-    config: pgsd.DatabaseConfig, **pool_options: Any
-) -> AsyncIterator[pgsd.ConnectionPool]:
-    async with pgsd.ConnectionPool(config, pgsd.PoolConfig(**pool_options)) as pool:
-        yield pool
-    assert_invariants(pool.stats())
-    assert pool.stats().size == 0
-
-
-@pytest.fixture
-def own_server() -> Iterator[PostgresServer]:
-    """A server of the test's own, free to stop and restart."""
-    with PostgresServer() as server:
-        yield server
+#: Scheduling delay a deadline may see on a loaded 2-core machine (seconds);
+#: the deadlines themselves are asserted exactly on virtual time.
+MARGIN = 0.5
 
 
 # 1. never more than max_size --------------------------------------------------
@@ -100,7 +90,7 @@ async def test_acquire_timeout_fires_on_time_when_the_pool_is_busy(
                 async with pool.connection():
                     pass
             elapsed = anyio.current_time() - start
-        assert 1.0 <= elapsed < 1.1
+        assert 1.0 <= elapsed < 1.0 + MARGIN  # exact to the tick: test_pool_scheduling.py
         assert "1 s" in str(info.value)
         stats = pool.stats()
         assert stats.timeouts == 1
@@ -118,7 +108,7 @@ async def test_acquire_timeout_fires_on_time_when_the_server_is_down() -> None:
             async with pool.connection():
                 pass
         elapsed = anyio.current_time() - start
-        assert 1.0 <= elapsed < 1.1
+        assert 1.0 <= elapsed < 1.0 + MARGIN  # exact to the tick: test_pool_scheduling.py
         message = str(info.value)
         assert "down" in message
         assert "last connection error" in message

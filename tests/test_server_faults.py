@@ -41,13 +41,6 @@ SAMPLE_PACE = 0.005
 MAX_SAMPLES = 20_000
 
 
-@pytest.fixture
-def own_server() -> Iterator[PostgresServer]:
-    """A server of the test's own, free to kill and restart."""
-    with PostgresServer() as server:
-        yield server
-
-
 # -- looking at the server ------------------------------------------------------
 
 
@@ -81,7 +74,7 @@ async def terminate(server: PostgresServer, pids: set[int]) -> None:
         assert [row[0] for row in await cur.fetchall()] == [True] * len(pids)
 
 
-async def wait_until_gone(server: PostgresServer, pids: set[int]) -> None:
+async def wait_until_exited(server: PostgresServer, pids: set[int]) -> None:
     """pg_terminate_backend and the server's timeouts only signal: poll until the backends exit."""
     async with await pgsd.connect(server.dsn()) as observer:
         for _ in range(POLLS):
@@ -411,7 +404,7 @@ async def test_terminated_busy_connections_fail_their_borrowers_and_are_replaced
         assert all(isinstance(error, psycopg.errors.AdminShutdown) for error in errors)
         assert pool.stats().connections_lost == 3
 
-        await wait_until_gone(pg_server, busy)
+        await wait_until_exited(pg_server, busy)
         await pool.wait_ready(timeout=10)
         pids = await run_borrowers(pool, tasks=3, rounds=10)
         assert pids.isdisjoint(busy)
@@ -438,7 +431,7 @@ async def test_terminated_idle_connections_are_invisible_to_the_next_borrowers(
         idle = await backend_pids(pg_server, config.application_name)
         assert len(idle) == 3
         await terminate(pg_server, idle)
-        await wait_until_gone(pg_server, idle)
+        await wait_until_exited(pg_server, idle)
         pids = await run_borrowers(pool, tasks=3, rounds=10)
         assert pids.isdisjoint(idle)
         stats = pool.stats()
@@ -519,7 +512,7 @@ async def test_idle_session_timeout_expiries_are_invisible_to_the_next_borrowers
         await fill(pool, 3)
         expired = await backend_pids(pg_server, config.application_name)
         assert len(expired) == 3
-        await wait_until_gone(pg_server, expired)
+        await wait_until_exited(pg_server, expired)
 
         pids = await run_borrowers(pool, tasks=3, rounds=10)
         assert pids.isdisjoint(expired)

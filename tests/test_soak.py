@@ -17,7 +17,6 @@ import gc
 import os
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -26,7 +25,7 @@ import pytest
 
 import pgsd
 from pgsd.testing import PostgresServer
-from support import invariants_hold, server_connections, watching
+from support import Tally, invariants_hold, wait_until_gone, watching
 
 CYCLES = int(os.environ.get("PGSD_SOAK_CYCLES", "20000"))
 SECONDS = float(os.environ.get("PGSD_SOAK_SECONDS", "60"))
@@ -61,26 +60,6 @@ def rss_bytes() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS in /proc/self/status")
-
-
-async def wait_until_gone(server: PostgresServer, application_name: str) -> None:
-    """Backends exit just after their client closes: poll, bounded."""
-    for _ in range(POLLS):
-        if await server_connections(server, application_name) == 0:
-            return
-        await anyio.sleep(POLL_PACE)
-    raise AssertionError(f"server connections of {application_name} did not go away")
-
-
-@dataclass
-class Tally:
-    """What the cycles did; counters only, so that the soak itself holds no memory."""
-
-    cycles: int = 0
-    lent: int = 0
-    queries: int = 0
-    cancelled_mid_query: int = 0
-    cancelled_waiting: int = 0
 
 
 class Soak:
