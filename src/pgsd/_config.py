@@ -4,6 +4,7 @@ Each class checks its own values and raises `ConfigError` naming the field.
 Everything libpq already does (PG* environment variables, the passfile, the
 service file, several hosts) is passed through to libpq, not re-implemented.
 The TOML file loader, `load_config`, is in `._config_file`.
+The value checks the classes share are in `._validate`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import dataclasses
 import functools
 import math
 import re
-import reprlib
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self, TypeVar
@@ -23,6 +23,18 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from ._dsn import libpq_text_problem, may_be_secret, parse_dsn
 from ._errors import ConfigError, format_address, is_secret_key
 from ._permissions import parse_requirement
+from ._validate import (
+    check_choice,
+    check_int,
+    check_libpq_text,
+    check_number,
+    check_optional_str,
+    check_password,
+    check_positive,
+    check_str,
+    number_text,
+    short_repr,
+)
 
 __all__ = [
     "POOL_HOOKS",
@@ -64,100 +76,6 @@ class _FrozenMap(Mapping[_K, _V]):
 
     def __repr__(self) -> str:
         return repr(self._data)
-
-
-# --- value checks: each raises ConfigError(key=the field name) -------------
-
-
-class _ShortRepr(reprlib.Repr):
-    def repr_int(self, x: int, level: int) -> str:
-        try:
-            return super().repr_int(x, level)
-        except ValueError:
-            # repr() refuses integers of more than sys.get_int_max_str_digits() digits.
-            return "<an integer too long to show>"
-
-
-_SHORT_REPR = _ShortRepr()
-_SHORT_REPR.maxstring = 80
-_SHORT_REPR.maxother = 80
-
-
-def short_repr(value: object) -> str:
-    """A value for a message: ``repr``, shortened, nested structures cut off. Never raises."""
-    return _SHORT_REPR.repr(value)
-
-
-def _number_text(value: float) -> str:
-    return f"{value:g}"
-
-
-def _check_int(key: str, value: object, *, minimum: int, maximum: int | None = None) -> None:
-    # bool is an int subclass; "max_size = true" is a mistake, not 1.
-    if (
-        isinstance(value, int)
-        and not isinstance(value, bool)
-        and value >= minimum
-        and (maximum is None or value <= maximum)
-    ):
-        return
-    if maximum is None:
-        wanted = f"an integer >= {minimum}"
-    else:
-        wanted = f"an integer between {minimum} and {maximum}"
-    raise ConfigError(f"must be {wanted}, got {short_repr(value)}", key=key)
-
-
-def _check_number(
-    key: str,
-    value: object,
-    *,
-    minimum: float,
-    exclusive: bool = False,
-    below: float | None = None,
-) -> float:
-    """Check a finite number in range and return it as a float."""
-    wanted = f"a number {'>' if exclusive else '>='} {_number_text(minimum)}"
-    if below is not None:
-        wanted += f" and < {_number_text(below)}"
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        try:
-            number = float(value)
-        except OverflowError:  # an int beyond the float range
-            number = math.inf
-        in_range = number > minimum if exclusive else number >= minimum
-        if math.isfinite(number) and in_range and (below is None or number < below):
-            return number
-    raise ConfigError(f"must be {wanted}, got {short_repr(value)}", key=key)
-
-
-def _check_optional_str(key: str, value: object, *, non_empty: bool = False) -> None:
-    if value is None or (isinstance(value, str) and (value or not non_empty)):
-        return
-    wanted = "a non-empty string" if non_empty else "a string"
-    raise ConfigError(f"must be {wanted}, got {short_repr(value)}", key=key)
-
-
-def _check_str(key: str, value: object) -> None:
-    if not isinstance(value, str):
-        raise ConfigError(f"must be a string, got {short_repr(value)}", key=key)
-
-
-def _check_password(value: object) -> None:
-    if value is not None and not isinstance(value, str):
-        # Never echo the value: it may be a secret of the wrong type.
-        raise ConfigError(f"must be a string, got {type(value).__name__}", key="password")
-
-
-def _check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
-    if value is None or value in choices:
-        return
-    raise ConfigError(f"must be one of {', '.join(choices)}; got {short_repr(value)}", key=key)
-
-
-def _check_libpq_text(key: str, value: object) -> None:
-    if isinstance(value, str) and (problem := libpq_text_problem(value)) is not None:
-        raise ConfigError(problem, key=key)
 
 
 # --- PoolConfig --------------------------------------------------------------
@@ -228,18 +146,18 @@ class PoolConfig:
 
     def __post_init__(self) -> None:
         for key, minimum in _POOL_INTS.items():
-            _check_int(key, getattr(self, key), minimum=minimum)
+            check_int(key, getattr(self, key), minimum=minimum)
         for key in _POOL_POSITIVE:
-            self._set(key, _check_number(key, getattr(self, key), minimum=0, exclusive=True))
+            self._set(key, check_number(key, getattr(self, key), minimum=0, exclusive=True))
         for key in _POOL_FRACTIONS:
-            self._set(key, _check_number(key, getattr(self, key), minimum=0, below=1))
+            self._set(key, check_number(key, getattr(self, key), minimum=0, below=1))
         self._set(
-            "ping_after_idle", _check_number("ping_after_idle", self.ping_after_idle, minimum=0)
+            "ping_after_idle", check_number("ping_after_idle", self.ping_after_idle, minimum=0)
         )
-        multiplier = _check_number("reconnect_multiplier", self.reconnect_multiplier, minimum=1)
+        multiplier = check_number("reconnect_multiplier", self.reconnect_multiplier, minimum=1)
         self._set("reconnect_multiplier", multiplier)
         if self.leak_threshold is not None:
-            threshold = _check_number(
+            threshold = check_number(
                 "leak_threshold", self.leak_threshold, minimum=0, exclusive=True
             )
             self._set("leak_threshold", threshold)
@@ -265,8 +183,8 @@ class PoolConfig:
             )
         if self.reconnect_initial > self.reconnect_max:
             raise ConfigError(
-                f"must not exceed reconnect_max ({_number_text(self.reconnect_max)}),"
-                f" got {_number_text(self.reconnect_initial)}",
+                f"must not exceed reconnect_max ({number_text(self.reconnect_max)}),"
+                f" got {number_text(self.reconnect_initial)}",
                 key="reconnect_initial",
             )
 
@@ -469,25 +387,25 @@ class DatabaseConfig:
 
     def __post_init__(self) -> None:
         for key in _NON_EMPTY_STRS:
-            _check_optional_str(key, getattr(self, key), non_empty=True)
+            check_optional_str(key, getattr(self, key), non_empty=True)
         for key in _PLAIN_STRS:
-            _check_optional_str(key, getattr(self, key))
-        _check_password(self.password)
-        _check_str("application_name", self.application_name)
-        _check_choice("sslmode", self.sslmode, _SSLMODES)
-        _check_choice("target_session_attrs", self.target_session_attrs, _SESSION_ATTRS)
+            check_optional_str(key, getattr(self, key))
+        check_password(self.password)
+        check_str("application_name", self.application_name)
+        check_choice("sslmode", self.sslmode, _SSLMODES)
+        check_choice("target_session_attrs", self.target_session_attrs, _SESSION_ATTRS)
         for key in _LIBPQ_FIELDS:
-            _check_libpq_text(key, getattr(self, key))
+            check_libpq_text(key, getattr(self, key))
         self._normalize()
 
     def _normalize(self) -> None:
         set_ = functools.partial(object.__setattr__, self)  # the dataclass is frozen
         set_("port", _normalize_port(self.port))
         _check_port_count(self.host, self.port)
-        set_("connect_timeout", _check_positive("connect_timeout", self.connect_timeout))
-        set_("cancel_grace", _check_positive("cancel_grace", self.cancel_grace))
+        set_("connect_timeout", check_positive("connect_timeout", self.connect_timeout))
+        set_("cancel_grace", check_positive("cancel_grace", self.cancel_grace))
         if self.prepare_threshold is not None:
-            _check_int("prepare_threshold", self.prepare_threshold, minimum=0)
+            check_int("prepare_threshold", self.prepare_threshold, minimum=0)
         set_("required", _normalize_required(self.required))
         set_("extra", _normalize_extra(self.extra))
         if self.pool is not None and not isinstance(self.pool, PoolConfig):
@@ -570,10 +488,6 @@ class DatabaseConfig:
             else:
                 parts.append(f"{f.name}={value!r}")
         return f"{type(self).__name__}({', '.join(parts)})"
-
-
-def _check_positive(key: str, value: object) -> float:
-    return _check_number(key, value, minimum=0, exclusive=True)
 
 
 def _default_of(f: dataclasses.Field[Any]) -> object:

@@ -1,4 +1,4 @@
-"""psycopg's AsyncConnection, driven by anyio: the one module that knows the backend.
+"""psycopg's AsyncConnection, driven by anyio on asyncio and trio alike.
 
 psycopg 3 waits on its socket through asyncio (``loop.add_reader``), guards
 the connection with an ``asyncio.Lock``, resolves host names through
@@ -17,6 +17,10 @@ without a deadline. :class:`Connection` replaces each of these pieces:
   ``cancel_grace`` seconds to become idle; if it does not, it is closed.
   The cancellation then propagates.
 
+Two helper modules do the lower-level work: ``._driver`` drives psycopg's
+and libpq's non-blocking generators on the backend's socket waits, and
+``._attempts`` resolves host names and makes the connection attempts.
+
 This relies on a few psycopg internals (listed in ``PSYCOPG_INTERNALS``);
 the supported psycopg versions are pinned in pyproject.toml and a test
 checks that each internal is still there.
@@ -26,14 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
-import select
-import socket
-import warnings
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from time import monotonic
 from types import TracebackType
 from typing import Any, Final, TypeVar, overload
 
@@ -42,22 +41,15 @@ import psycopg
 from psycopg import errors as e
 from psycopg import generators, pq
 from psycopg._capabilities import capabilities
-from psycopg._conninfo_utils import (
-    get_param,
-    get_param_def,
-    gssapi_requested,
-    is_ip_address,
-    split_attempts,
-)
-from psycopg._encodings import conninfo_encoding
-from psycopg.abc import PQGen, PQGenConn
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.abc import PQGen
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import AsyncRowFactory, Row, TupleRow
 from psycopg.transaction import OutOfOrderTransactionNesting
-from psycopg.waiting import Ready, Wait
 
+from ._attempts import DEFAULT_CONNECT_TIMEOUT, as_seconds, attempt_timeout, connect_pgconn
 from ._backend import FdWaiter, Lock, current_backend, install_psycopg_shims
 from ._config import DatabaseConfig
+from ._driver import WAIT_R, Driver, cancel_gen, drive_conn, poll_ready
 from ._errors import connect_error_from, redact
 
 __all__ = [
@@ -75,17 +67,9 @@ install_psycopg_shims()
 
 RV = TypeVar("RV")
 
-_WAIT_R: Final = Wait.R
-_WAIT_W: Final = Wait.W
-_READY_R: Final = Ready.R
-_READY_W: Final = Ready.W
 _ACTIVE: Final = pq.TransactionStatus.ACTIVE
 #: libpq's transaction statuses by number (0 to 4): a lookup, not an enum call.
 _TRANSACTION_STATUSES: Final = tuple(sorted(pq.TransactionStatus, key=int))
-_POLL_OK: Final = pq.PollingStatus.OK
-_POLL_READING: Final = pq.PollingStatus.READING
-_POLL_WRITING: Final = pq.PollingStatus.WRITING
-_POLL_FAILED: Final = pq.PollingStatus.FAILED
 _BAD: Final = pq.ConnStatus.BAD
 _COPY_STATES: Final = frozenset(
     (pq.ExecStatus.COPY_IN, pq.ExecStatus.COPY_OUT, pq.ExecStatus.COPY_BOTH)
@@ -93,12 +77,9 @@ _COPY_STATES: Final = frozenset(
 
 #: Seconds a cancelled query may take to stop before its connection is closed.
 DEFAULT_CANCEL_GRACE: Final = 2.0
-#: Seconds per connection attempt when ``connect_timeout`` sets none (psycopg: 130).
-DEFAULT_CONNECT_TIMEOUT: Final = 30.0
-# libpq rounds any connect_timeout below 2 s up to 2 s.
-_LIBPQ_MIN_TIMEOUT: Final = 2
 
-#: The psycopg internals this module uses, checked by the test suite.
+#: The psycopg internals the connection layer uses (this module, ``._driver``
+#: and ``._attempts``), checked by the test suite.
 PSYCOPG_INTERNALS: Final = (
     "psycopg.AsyncConnection.wait",
     "psycopg.AsyncConnection._should_cancel",
@@ -131,369 +112,6 @@ PSYCOPG_INTERNALS: Final = (
 PSYCOPG_CONNECTION_ATTRIBUTES: Final = ("lock", "_autocommit", "_adapters", "_closed", "_pipeline")
 
 
-def _poll_ready(fileno: int, state: int) -> int:
-    """The readiness of ``fileno`` right now, without waiting."""
-    events = (select.POLLIN if state & _WAIT_R else 0) | (select.POLLOUT if state & _WAIT_W else 0)
-    poller = select.poll()
-    poller.register(fileno, events)
-    ready = 0
-    for _, ev in poller.poll(0):
-        if ev & (select.POLLIN | select.POLLERR | select.POLLHUP):
-            ready |= _READY_R
-        if ev & select.POLLOUT:
-            ready |= _READY_W
-    return ready
-
-
-async def _wait_either(waiter: FdWaiter) -> int:
-    """Wait until the socket is readable or writable; return which."""
-    result = 0
-
-    async def wait(ready: Callable[[], Awaitable[None]], flag: int, scope: Any) -> None:
-        nonlocal result
-        await ready()
-        result |= flag
-        scope.cancel()
-
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(wait, waiter.readable, _READY_R, tg.cancel_scope)
-            tg.start_soon(wait, waiter.writable, _READY_W, tg.cancel_scope)
-    except* OSError as group:
-        # The socket was closed under both waits: one error, as a single wait gives.
-        raise group.exceptions[0] from None  # noqa: ASYNC123 (an OSError is all it says)
-    return result
-
-
-async def _wait_fd(waiter: FdWaiter, fileno: int, state: int) -> int:
-    """Wait until the socket is ready for ``state``; return the readiness."""
-    if state == _WAIT_R:
-        await waiter.readable()
-        return _READY_R
-    # A socket asked for writing is nearly always writable: a zero-timeout
-    # poll is cheaper than a trip through the event loop.
-    ready = _poll_ready(fileno, state)
-    if ready:
-        await anyio.lowlevel.checkpoint()
-        return ready
-    if state == _WAIT_W:
-        await waiter.writable()
-        return _READY_W
-    # Read and write: libpq must be able to read while its send buffer is
-    # full, or both ends could block on each other.
-    return await _wait_either(waiter)
-
-
-class _Driver:
-    """Drives one psycopg generator, remembering where it stopped.
-
-    Kept as an object so that, when the caller is cancelled, the same
-    generator can be resumed to read the server's answer to the cancel
-    request.
-    """
-
-    __slots__ = ("gen", "state")
-
-    def __init__(self, gen: PQGen[Any]) -> None:
-        self.gen = gen
-        self.state: int | None = None
-
-    async def run(self, waiter: FdWaiter, fileno: int, deadline: float | None = None) -> Any:
-        """Drive the generator to its end; with a ``deadline``, as psycopg's ``wait_async``.
-
-        Like psycopg, at the deadline the generator is given what the socket
-        holds once more, so that data already there is processed and a
-        timeout of 0 polls once instead of returning nothing.
-
-        Raises:
-            psycopg.errors._WaitTimeout: the deadline passed first.
-        """
-        global _last_cancel_check, _last_yield
-        gen = self.gen
-        try:
-            if self.state is not None:
-                state = self.state
-            else:
-                try:
-                    state = next(gen)
-                except StopIteration as ex:
-                    # Done with what libpq had already read (the rows of a
-                    # stream(), a COPY round): psycopg's rule, let the loop
-                    # run at least every _MAX_BUSY seconds, or a long stream
-                    # starves every other task and ignores cancellation.
-                    if monotonic() - _last_yield >= _MAX_BUSY:
-                        await anyio.lowlevel.checkpoint()
-                        _last_yield = monotonic()
-                    return ex.value
-            while True:
-                self.state = state
-                if deadline is None:
-                    ready = await _wait_fd(waiter, fileno, state)
-                else:
-                    try:
-                        ready = await _wait_fd_until(
-                            current_backend().time, deadline, waiter, fileno, state
-                        )
-                    except e._WaitTimeout:
-                        ready = _poll_ready(fileno, state)
-                        if not ready:
-                            raise
-                        gen.send(ready)  # done in time if this raises StopIteration
-                        raise
-                now = _last_yield = monotonic()
-                if now - _last_cancel_check >= _MAX_BUSY:
-                    # A socket that is always ready (rows pouring in) makes
-                    # every wait end at once, and anyio on asyncio does not
-                    # cancel a task whose wait has just ended: look for a
-                    # cancellation now and then, or it would never land.
-                    _last_cancel_check = now
-                    await anyio.lowlevel.checkpoint_if_cancelled()
-                state = gen.send(ready)
-        except StopIteration as ex:
-            return ex.value
-        except OSError as ex:
-            raise e.OperationalError("connection socket closed") from ex
-
-
-#: The longest the loop is kept busy by generators that need not wait (psycopg's
-#: figure), and the longest a cancellation may wait for a busy connection to see it.
-_MAX_BUSY: Final = 0.005
-# When a wait last let the event loop run; when one last looked for a cancellation.
-_last_yield = 0.0
-_last_cancel_check = 0.0
-
-
-async def _drive_conn(gen: PQGenConn[RV], timeout: float | None = None) -> RV:  # noqa: ASYNC109
-    """Drive a generator that names its own socket (connect, cancel).
-
-    Each wait registers the socket afresh and drops the registration when it
-    ends: within one attempt libpq may close its socket and open another
-    (``sslmode=prefer`` or ``allow`` and ``gssencmode=prefer`` retry on a new
-    socket when the server refuses the first try), usually under the same
-    number, and a registration kept across that would watch a socket that no
-    longer exists.
-
-    Raises:
-        psycopg.errors._WaitTimeout: ``timeout`` seconds passed first.
-    """
-    backend = current_backend()
-    deadline = None if timeout is None else backend.time() + timeout
-    try:
-        fileno, state = next(gen)
-        while True:
-            waiter = backend.fd_waiter(fileno)
-            try:
-                if deadline is None:
-                    ready = await _wait_fd(waiter, fileno, state)
-                else:
-                    ready = await _wait_fd_until(backend.time, deadline, waiter, fileno, state)
-            finally:
-                waiter.forget()
-            fileno, state = gen.send(ready)
-    except StopIteration as ex:
-        rv: RV = ex.value
-        return rv
-    except OSError as ex:
-        raise e.OperationalError("connection socket closed") from ex
-
-
-#: The longest single timer of a bounded wait. A timer outlives a wait that
-#: ends early (asyncio and trio both drop cancelled timers lazily), so a
-#: bounded wait is made of short ones: a connect that has returned leaves no
-#: timer behind for longer than this, whatever its ``connect_timeout``.
-_WAIT_SLICE: Final = 0.1
-
-
-async def _wait_fd_until(
-    clock: Callable[[], float], deadline: float, waiter: FdWaiter, fileno: int, state: int
-) -> int:
-    """`_wait_fd`, giving up at ``deadline``.
-
-    Raises:
-        psycopg.errors._WaitTimeout: the deadline passed first.
-    """
-    while True:
-        remaining = deadline - clock()
-        if remaining <= 0:
-            raise e._WaitTimeout("wait timeout expired")
-        with anyio.move_on_after(min(_WAIT_SLICE, remaining)):
-            return await _wait_fd(waiter, fileno, state)
-
-
-def _connect_gen(pgconn: pq.abc.PGconn, conninfo: str) -> PQGenConn[None]:
-    """libpq's non-blocking connect, as psycopg's, except that the caller owns ``pgconn``.
-
-    psycopg's generator makes its PGconn itself and leaves it to the garbage
-    collector when abandoned (a timeout); here the caller finishes it at
-    once. psycopg's errors carry a copy of the failed PGconn's parameters,
-    password included; these carry the PGconn itself, which the caller
-    finishes, so the error holds no secret.
-    """
-    while True:
-        if pgconn.status == _BAD:
-            message = pgconn.get_error_message(conninfo_encoding(conninfo))
-            raise e.OperationalError(f"connection is bad: {message}", pgconn=pgconn)
-        status = pgconn.connect_poll()
-        if status == _POLL_OK:
-            break
-        if status in (_POLL_READING, _POLL_WRITING):
-            wait = _WAIT_R if status == _POLL_READING else _WAIT_W
-            while not (yield pgconn.socket, wait):
-                pass
-        elif status == _POLL_FAILED:
-            message = pgconn.get_error_message(conninfo_encoding(conninfo))
-            raise e.OperationalError(f"connection failed: {message}", pgconn=pgconn)
-        else:
-            raise e.InternalError(f"unexpected poll status: {status}", pgconn=pgconn)
-    pgconn.nonblocking = 1
-
-
-def _cancel_gen(pgconn: pq.abc.PGconn) -> PQGenConn[None]:
-    """Send a cancel request without blocking (libpq 17 and later)."""
-    cancel_conn = pgconn.cancel_conn()
-    try:
-        cancel_conn.start()
-        while True:
-            status = cancel_conn.poll()
-            if status == _POLL_OK:
-                return
-            if status == _POLL_FAILED:
-                raise e.OperationalError(f"cancellation failed: {cancel_conn.get_error_message()}")
-            wait = _WAIT_R if status == _POLL_READING else _WAIT_W
-            while not (yield cancel_conn.socket, wait):
-                pass
-    finally:
-        # Also when abandoned at the grace deadline: never leak the socket.
-        cancel_conn.finish()
-
-
-async def _resolve(attempt: dict[str, Any]) -> list[dict[str, Any]]:
-    """Resolve ``host`` into ``hostaddr`` with anyio, one attempt per address (as psycopg)."""
-    host = get_param(attempt, "host")
-    if not host or host.startswith("/") or host[1:2] == ":" or get_param(attempt, "hostaddr"):
-        return [attempt]
-    if is_ip_address(host):
-        return [{**attempt, "hostaddr": host}]
-    port = get_param(attempt, "port")
-    if not port:
-        port_def = get_param_def("port")
-        port = (port_def and port_def.compiled) or "5432"
-    infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    return [{**attempt, "hostaddr": str(info[4][0])} for info in infos]
-
-
-async def _attempts(params: dict[str, Any]) -> list[dict[str, Any]]:
-    """One connection attempt per host and address, in libpq's order (as psycopg).
-
-    Raises:
-        psycopg.OperationalError: no host could be resolved.
-    """
-    prefer_standby = get_param(params, "target_session_attrs") == "prefer-standby"
-    if prefer_standby:
-        params = {k: v for k, v in params.items() if k != "target_session_attrs"}
-    attempts: list[dict[str, Any]] = []
-    last_error: e.OperationalError | None = None
-    for attempt in split_attempts(params):
-        try:
-            attempts.extend(await _resolve(attempt))
-        except OSError as ex:
-            last_error = e.OperationalError(f"failed to resolve host {attempt.get('host')!r}: {ex}")
-            logger.debug("%s", last_error)
-    if not attempts:
-        assert last_error is not None
-        raise last_error
-    if get_param(params, "load_balance_hosts") == "random":
-        random.shuffle(attempts)
-    if prefer_standby:
-        # First any standby, then whatever answers.
-        attempts = [{**a, "target_session_attrs": "standby"} for a in attempts] + attempts
-    return attempts
-
-
-def _describe(attempt: dict[str, Any]) -> str:
-    host, port, hostaddr = attempt.get("host"), attempt.get("port"), attempt.get("hostaddr")
-    return f"host: {host!r}, port: {port!r}, hostaddr: {hostaddr!r}"
-
-
-def attempt_timeout(params: dict[str, Any]) -> float:
-    """The seconds each attempt gets, from ``connect_timeout``, by psycopg's rules.
-
-    libpq's: whole seconds, at least 2; 0, a negative value or none at all
-    means libpq's unbounded wait, which psycopg (130 s) and pgsd
-    (`DEFAULT_CONNECT_TIMEOUT`) replace by a default. The value may be a
-    string, an int or a float, in the conninfo, a keyword or ``PGCONNECT_TIMEOUT``.
-
-    Raises:
-        psycopg.ProgrammingError: the value is not a number.
-    """
-    value = get_param(params, "connect_timeout")
-    if value is None:
-        return DEFAULT_CONNECT_TIMEOUT
-    try:
-        seconds = int(float(value))
-    except (TypeError, ValueError):
-        raise e.ProgrammingError(f"bad value for connect_timeout: {value!r}") from None
-    if seconds <= 0:
-        return DEFAULT_CONNECT_TIMEOUT
-    return float(max(seconds, _LIBPQ_MIN_TIMEOUT))
-
-
-async def _connect_one(conninfo: str, seconds: float) -> pq.abc.PGconn:
-    """One attempt, bounded by ``seconds``; the PGconn is never leaked.
-
-    Raises:
-        psycopg.errors.ConnectionTimeout: no connection within ``seconds``.
-        psycopg.OperationalError: the attempt failed.
-    """
-    pgconn = pq.PGconn.connect_start(conninfo.encode())
-    try:
-        await _drive_conn(_connect_gen(pgconn, conninfo), seconds)
-    except e._WaitTimeout:
-        pgconn.finish()
-        raise e.ConnectionTimeout("connection timeout expired") from None
-    except BaseException:
-        pgconn.finish()
-        raise
-    return pgconn
-
-
-async def _connect_pgconn(params: dict[str, Any], seconds: float) -> pq.abc.PGconn:
-    """Try every attempt in turn, each bounded by ``seconds``, as psycopg does.
-
-    Raises:
-        psycopg.OperationalError: no attempt succeeded (with several, the
-            message lists each one's failure, in psycopg's words).
-    """
-    errors: list[tuple[e.Error, str]] = []
-    for attempt in await _attempts(params):
-        descr = _describe(attempt)
-        logger.debug("connection attempt: %s", descr)
-        try:
-            pgconn = await _connect_one(make_conninfo("", **attempt), seconds)
-        except e.Error as ex:
-            logger.debug("connection failed: %s: %s", descr, redact(str(ex)))
-            errors.append((ex, descr))
-        else:
-            logger.debug("connection succeeded: %s", descr)
-            if (
-                capabilities.has_used_gssapi()
-                and pgconn.used_gssapi
-                and not gssapi_requested(params)
-            ):
-                warnings.warn(_GSSAPI_DEFAULT_WARNING, RuntimeWarning, stacklevel=3)
-            return pgconn
-    raise _combine(errors)
-
-
-# psycopg warns in the same case: the default that made GSSAPI happen is not
-# the same in every build of libpq.
-_GSSAPI_DEFAULT_WARNING: Final = (
-    "this connection uses GSSAPI only because of libpq's default"
-    " gssencmode=prefer, and some psycopg[binary] builds default to 'disable':"
-    " set gssencmode (or PGGSSENCMODE) to 'prefer' or 'require' to rely on it"
-)
-
-
 class Connection(psycopg.AsyncConnection[Row]):
     """A psycopg ``AsyncConnection`` that runs under asyncio and trio.
 
@@ -516,7 +134,7 @@ class Connection(psycopg.AsyncConnection[Row]):
     #: drain) after the borrower is gone, so that a cancelled borrower is not
     #: held up by a server that does not answer.
     settle_later: bool = False
-    _unsettled: tuple[_Driver, FdWaiter, int] | None = None
+    _unsettled: tuple[Driver, FdWaiter, int] | None = None
     # Set when the lock was released with a query still running (see _lock_released).
     _abandoned: bool = False
 
@@ -578,7 +196,7 @@ class Connection(psycopg.AsyncConnection[Row]):
         cursor_factory: Any,
     ) -> Connection[Any]:
         """`connect` with each attempt bounded by exactly ``seconds``."""
-        pgconn = await _connect_pgconn(params, seconds)
+        pgconn = await connect_pgconn(params, seconds)
         rv: Connection[Any] = cls(pgconn)
         rv._autocommit = bool(autocommit)
         if row_factory:
@@ -643,7 +261,7 @@ class Connection(psycopg.AsyncConnection[Row]):
                 "the connection's last query was interrupted and is being cancelled:"
                 " return the connection to its pool"
             )
-        driver = _Driver(gen)
+        driver = Driver(gen)
         fileno = self.pgconn.socket
         waiter = self._fd_waiter
         if waiter is None:
@@ -708,7 +326,7 @@ class Connection(psycopg.AsyncConnection[Row]):
         if self.closed:
             return True
         try:
-            return bool(_poll_ready(self.pgconn.socket, _WAIT_R))
+            return bool(poll_ready(self.pgconn.socket, WAIT_R))
         except (OSError, e.OperationalError):
             return True
 
@@ -734,7 +352,7 @@ class Connection(psycopg.AsyncConnection[Row]):
             await self._settle_after_interrupt(*unsettled)
 
     async def _settle_after_interrupt(
-        self, driver: _Driver | None, waiter: FdWaiter, fileno: int
+        self, driver: Driver | None, waiter: FdWaiter, fileno: int
     ) -> None:
         """Leave the connection idle, or closed, after the caller was interrupted.
 
@@ -757,7 +375,7 @@ class Connection(psycopg.AsyncConnection[Row]):
                     with contextlib.suppress(e.QueryCanceled):
                         await driver.run(waiter, fileno)
                 while pgconn.transaction_status == _ACTIVE and not pgconn.pipeline_status:
-                    results = await _Driver(generators.fetch_many(pgconn)).run(waiter, fileno)
+                    results = await Driver(generators.fetch_many(pgconn)).run(waiter, fileno)
                     if not results or results[-1].status in _COPY_STATES:
                         break  # nothing more to read, or COPY, which only ends by closing
             except e.Error as ex:
@@ -793,7 +411,7 @@ class Connection(psycopg.AsyncConnection[Row]):
     async def _send_cancel(self) -> None:
         """Ask the server to cancel the running query."""
         if capabilities.has_cancel_safe():
-            await _drive_conn(_cancel_gen(self.pgconn))
+            await drive_conn(cancel_gen(self.pgconn))
         else:
             # libpq before 17 only has a blocking cancel: run it in a thread
             # that is abandoned if the grace period ends first.
@@ -812,7 +430,7 @@ class Connection(psycopg.AsyncConnection[Row]):
             await self._send_cancel()  # libpq before 17: in a thread, as psycopg does
             return
         try:
-            await _drive_conn(_cancel_gen(self.pgconn), timeout or None)
+            await drive_conn(cancel_gen(self.pgconn), timeout or None)
         except e._WaitTimeout:
             raise e.CancellationTimeout("cancellation timeout expired") from None
 
@@ -889,29 +507,8 @@ class _Transaction(psycopg.AsyncTransaction):
         return False
 
 
-def _combine(errors: list[tuple[e.Error, str]]) -> e.Error:
-    """One error for all failed attempts, of the last one's type."""
-    last = errors[-1][0]
-    if len(errors) == 1:
-        return last.with_traceback(None)
-    lines = [str(last), "Multiple connection attempts failed. All failures were:"]
-    lines.extend(f"- {descr}: {error}" for error, descr in errors)
-    combined = type(last)("\n".join(lines), pgconn=last.pgconn)
-    return combined
-
-
 # The keywords of Connection.connect that are not libpq parameters.
 _PSYCOPG_OPTIONS: Final = ("prepare_threshold", "context", "cursor_factory")
-
-
-def _seconds(value: object) -> object:
-    """A number given as text becomes a float; anything else is left to the config check."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
 
 
 @overload
@@ -965,7 +562,7 @@ async def connect(
     """
     config = target if isinstance(target, DatabaseConfig) else DatabaseConfig.from_dsn(target)
     if "connect_timeout" in kwargs:
-        config = config.replace(connect_timeout=_seconds(kwargs.pop("connect_timeout")))
+        config = config.replace(connect_timeout=as_seconds(kwargs.pop("connect_timeout")))
     options = {name: kwargs.pop(name) for name in _PSYCOPG_OPTIONS if name in kwargs}
     options.setdefault("prepare_threshold", config.prepare_threshold)
     try:

@@ -1,0 +1,122 @@
+"""Value checks for the configuration classes: each raises `ConfigError` naming the field.
+
+``key`` is the field's name, so that the error says which setting is wrong;
+the value shown in the message is shortened by `short_repr`, and a password
+is never shown.
+"""
+
+from __future__ import annotations
+
+import math
+import reprlib
+
+from ._dsn import libpq_text_problem
+from ._errors import ConfigError
+
+__all__ = [
+    "check_choice",
+    "check_int",
+    "check_libpq_text",
+    "check_number",
+    "check_optional_str",
+    "check_password",
+    "check_positive",
+    "check_str",
+    "number_text",
+    "short_repr",
+]
+
+
+class _ShortRepr(reprlib.Repr):
+    def repr_int(self, x: int, level: int) -> str:
+        try:
+            return super().repr_int(x, level)
+        except ValueError:
+            # repr() refuses integers of more than sys.get_int_max_str_digits() digits.
+            return "<an integer too long to show>"
+
+
+_SHORT_REPR = _ShortRepr()
+_SHORT_REPR.maxstring = 80
+_SHORT_REPR.maxother = 80
+
+
+def short_repr(value: object) -> str:
+    """A value for a message: ``repr``, shortened, nested structures cut off. Never raises."""
+    return _SHORT_REPR.repr(value)
+
+
+def number_text(value: float) -> str:
+    return f"{value:g}"
+
+
+def check_int(key: str, value: object, *, minimum: int, maximum: int | None = None) -> None:
+    # bool is an int subclass; "max_size = true" is a mistake, not 1.
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value >= minimum
+        and (maximum is None or value <= maximum)
+    ):
+        return
+    if maximum is None:
+        wanted = f"an integer >= {minimum}"
+    else:
+        wanted = f"an integer between {minimum} and {maximum}"
+    raise ConfigError(f"must be {wanted}, got {short_repr(value)}", key=key)
+
+
+def check_number(
+    key: str,
+    value: object,
+    *,
+    minimum: float,
+    exclusive: bool = False,
+    below: float | None = None,
+) -> float:
+    """Check a finite number in range and return it as a float."""
+    wanted = f"a number {'>' if exclusive else '>='} {number_text(minimum)}"
+    if below is not None:
+        wanted += f" and < {number_text(below)}"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond the float range
+            number = math.inf
+        in_range = number > minimum if exclusive else number >= minimum
+        if math.isfinite(number) and in_range and (below is None or number < below):
+            return number
+    raise ConfigError(f"must be {wanted}, got {short_repr(value)}", key=key)
+
+
+def check_optional_str(key: str, value: object, *, non_empty: bool = False) -> None:
+    if value is None or (isinstance(value, str) and (value or not non_empty)):
+        return
+    wanted = "a non-empty string" if non_empty else "a string"
+    raise ConfigError(f"must be {wanted}, got {short_repr(value)}", key=key)
+
+
+def check_str(key: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(f"must be a string, got {short_repr(value)}", key=key)
+
+
+def check_password(value: object) -> None:
+    if value is not None and not isinstance(value, str):
+        # Never echo the value: it may be a secret of the wrong type.
+        raise ConfigError(f"must be a string, got {type(value).__name__}", key="password")
+
+
+def check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
+    if value is None or value in choices:
+        return
+    raise ConfigError(f"must be one of {', '.join(choices)}; got {short_repr(value)}", key=key)
+
+
+def check_libpq_text(key: str, value: object) -> None:
+    if isinstance(value, str) and (problem := libpq_text_problem(value)) is not None:
+        raise ConfigError(problem, key=key)
+
+
+def check_positive(key: str, value: object) -> float:
+    return check_number(key, value, minimum=0, exclusive=True)
