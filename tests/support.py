@@ -111,6 +111,34 @@ REPORT_KEYS = frozenset(
 VERSION_KEYS = frozenset({"major", "minor", "num", "text"})
 
 
+class CancelWhenRunning:
+    """Cancels a scope once a backend runs a query: a timer would race the query's start.
+
+    Start `run` in a task beside the query; ``cancelled_at`` is when it
+    cancelled (``anyio.current_time()``).
+    """
+
+    def __init__(self, server: PostgresServer, pid: int, query: str) -> None:
+        self.server = server
+        self.pid = pid
+        self.query = query
+        self.scope = anyio.CancelScope()
+        self.cancelled_at = float("nan")
+
+    async def run(self) -> None:
+        async with await pgsd.connect(self.server.dsn()) as observer:
+            for _ in range(1000):
+                cur = await observer.execute(
+                    "SELECT state, query FROM pg_stat_activity, pg_sleep(0.005) WHERE pid = %s",
+                    [self.pid],
+                )
+                if await cur.fetchone() == ("active", self.query):
+                    self.cancelled_at = anyio.current_time()
+                    self.scope.cancel()
+                    return
+        raise AssertionError(f"backend {self.pid} never ran {self.query!r}")
+
+
 async def wait_until_gone(server: PostgresServer, application_name: str) -> None:
     """Backends exit just after their client closes: poll, bounded in count."""
     for _ in range(1000):

@@ -18,8 +18,12 @@ from psycopg.rows import dict_row
 import pgsd
 from parity import assert_same
 from pgsd.testing import PostgresServer, free_port
+from support import CancelWhenRunning
 
 pytestmark = pytest.mark.anyio
+
+#: A query that runs until it is cancelled.
+SLEEP = "SELECT pg_sleep(60)"
 
 
 async def backend_state(pg_server: PostgresServer, pid: int) -> str | None:
@@ -153,11 +157,13 @@ async def test_cancelled_query_is_stopped_on_the_server(
     pg_server: PostgresServer, conn: pgsd.Connection
 ) -> None:
     pid = conn.info.backend_pid
-    start = anyio.current_time()
-    with anyio.move_on_after(0.3) as scope:
-        await conn.execute("SELECT pg_sleep(60)")
-    elapsed = anyio.current_time() - start
-    assert scope.cancelled_caught
+    canceller = CancelWhenRunning(pg_server, pid, SLEEP)
+    with canceller.scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(canceller.run)
+            await conn.execute(SLEEP)
+    elapsed = anyio.current_time() - canceller.cancelled_at
+    assert canceller.scope.cancelled_caught
     assert elapsed < conn.cancel_grace + 1.0
     # The connection is idle and usable again; the server query is gone.
     assert not conn.closed
@@ -168,11 +174,14 @@ async def test_cancelled_query_is_stopped_on_the_server(
 
 
 async def test_cancelled_query_in_transaction_is_rolled_back(
-    conn: pgsd.Connection,
+    pg_server: PostgresServer, conn: pgsd.Connection
 ) -> None:
-    with anyio.move_on_after(0.2):
-        async with conn.transaction():
-            await conn.execute("SELECT pg_sleep(60)")
+    canceller = CancelWhenRunning(pg_server, conn.info.backend_pid, SLEEP)
+    with canceller.scope:
+        async with conn.transaction(), anyio.create_task_group() as tg:
+            tg.start_soon(canceller.run)
+            await conn.execute(SLEEP)
+    assert canceller.scope.cancelled_caught
     # transaction() rolled back on the way out, shielded from the cancellation.
     assert not conn.closed
     assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE

@@ -136,6 +136,7 @@ class Filler:
         pool = self._pool
         pool._counters.opened += 1
         if pool._closed:
+            pool._counters.closed += 1
             conn.abort()
             return
         if pool._availability.state != "up":
