@@ -121,7 +121,7 @@ class PoolConfig:
     max_lifetime: float = 1800.0
     #: Lifetimes are spread over ``[max_lifetime * (1 - j), max_lifetime]``.
     lifetime_jitter: float = 0.05
-    #: Idle connections are pinged this often.
+    #: An idle connection neither used nor checked for this long is pinged (4 at a time).
     health_check_interval: float = 30.0
     #: A connection idle longer than this is pinged before it is lent; 0 = always.
     ping_after_idle: float = 0.5
