@@ -30,7 +30,7 @@ LAYERS: dict[str, set[str]] = {
         "_backoff",
     },
     "backend": {"_backend"},
-    "connection": {"_driver", "_attempts", "_connection"},
+    "connection": {"_internals", "_driver", "_attempts", "_connection"},
     "pool": {"_pool"},
     "connector": {"_reports", "_connector"},
     "interface": {"_check", "_cli", "__main__", "prometheus", "__init__"},

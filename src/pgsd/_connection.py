@@ -51,6 +51,7 @@ from ._backend import FdWaiter, Lock, current_backend, install_psycopg_shims
 from ._config import DatabaseConfig
 from ._driver import WAIT_R, Driver, cancel_gen, drive_conn, poll_ready
 from ._errors import connect_error_from, redact
+from ._internals import PSYCOPG_CONNECTION_ATTRIBUTES, PSYCOPG_INTERNALS
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -77,39 +78,6 @@ _COPY_STATES: Final = frozenset(
 
 #: Seconds a cancelled query may take to stop before its connection is closed.
 DEFAULT_CANCEL_GRACE: Final = 2.0
-
-#: The psycopg internals the connection layer uses (this module, ``._driver``
-#: and ``._attempts``), checked by the test suite.
-PSYCOPG_INTERNALS: Final = (
-    "psycopg.AsyncConnection.wait",
-    "psycopg.AsyncConnection._should_cancel",
-    "psycopg.AsyncConnection._get_connection_params",
-    "psycopg.AsyncTransaction.__aexit__",
-    "psycopg.transaction.OutOfOrderTransactionNesting",
-    "psycopg.pq.PGconn.connect_start",
-    "psycopg.pq.PGconn.connect_poll",
-    "psycopg.pq.PGconn.cancel_conn",
-    "psycopg.pq.PGconn.used_gssapi",
-    "psycopg.pq.PGconn.pipeline_status",
-    "psycopg.errors._WaitTimeout",
-    "psycopg.generators.fetch_many",
-    "psycopg._encodings.conninfo_encoding",
-    "psycopg._conninfo_utils.split_attempts",
-    "psycopg._conninfo_utils.get_param",
-    "psycopg._conninfo_utils.get_param_def",
-    "psycopg._conninfo_utils.gssapi_requested",
-    "psycopg._conninfo_utils.is_ip_address",
-    "psycopg._capabilities.capabilities.has_cancel_safe",
-    "psycopg._capabilities.capabilities.has_used_gssapi",
-    "psycopg.waiting.Wait",
-    "psycopg.waiting.Ready",
-    # Replaced by pgsd._backend.install_psycopg_shims for the queued COPY writer.
-    "psycopg._copy_async.aspawn",
-    "psycopg._copy_async.agather",
-    "psycopg._copy_async.AQueue",
-)
-#: Attributes psycopg sets on each connection that this module reads or replaces.
-PSYCOPG_CONNECTION_ATTRIBUTES: Final = ("lock", "_autocommit", "_adapters", "_closed", "_pipeline")
 
 
 class Connection(psycopg.AsyncConnection[Row]):
@@ -329,6 +297,12 @@ class Connection(psycopg.AsyncConnection[Row]):
             return bool(poll_ready(self.pgconn.socket, WAIT_R))
         except (OSError, e.OperationalError):
             return True
+
+    def socket_waiter(self) -> FdWaiter:
+        """The waiter on this connection's socket: the pool's pipelines wait on it too."""
+        if self._fd_waiter is None:
+            self._fd_waiter = current_backend().fd_waiter(self.pgconn.socket)
+        return self._fd_waiter
 
     @property
     def transaction_status(self) -> pq.TransactionStatus:

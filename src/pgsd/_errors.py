@@ -242,6 +242,16 @@ class PoolClosed(PgsdError):
     __module__ = "pgsd"
 
 
+class OutcomeUnknown(PgsdError, psycopg.OperationalError):
+    """The connection was lost with a one-shot statement in flight.
+
+    The statement may or may not have run (and committed): it is not
+    retried. Also a `psycopg.OperationalError`, as a lost connection is.
+    """
+
+    __module__ = "pgsd"
+
+
 class TooManyWaiters(PgsdError):
     """The pool's queue of waiters already holds ``max_waiting`` tasks."""
 

@@ -1,0 +1,245 @@
+"""One-shot statements pipelined on a connection: sent without waiting for earlier results.
+
+Each statement is sent as Parse/Bind/Execute followed by its own Sync, so
+that the server runs it in its own implicit transaction and an error stays
+with it: the statements behind it run as if it had succeeded. Results come
+back in the order the statements were sent; `Pipeline.run` (a task of the
+pool's) reads them and wakes each statement's caller.
+
+The statement path is lean on purpose: psycopg's query conversion and
+parameter adaptation (`PostgresQuery`, with the connection's adapters), its
+row loaders and its error classes, but no cursor, no generator and no lock
+per statement. Simple-protocol strings with several statements are not
+accepted here (the extended protocol runs one statement per Parse).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import psycopg
+from psycopg import errors as e
+from psycopg import pq
+from psycopg._queries import PostgresQuery
+from psycopg.adapt import Transformer
+from psycopg.rows import RowFactory
+
+from .._backend import Waker
+from .._connection import Connection
+from .._errors import OutcomeUnknown
+
+__all__ = ["Pipeline", "Statement"]
+
+_TUPLES_OK: Final = pq.ExecStatus.TUPLES_OK
+_COMMAND_OK: Final = pq.ExecStatus.COMMAND_OK
+_FATAL_ERROR: Final = pq.ExecStatus.FATAL_ERROR
+_PIPELINE_SYNC: Final = pq.ExecStatus.PIPELINE_SYNC
+_EMPTY_QUERY: Final = pq.ExecStatus.EMPTY_QUERY
+
+
+class Statement:
+    """One statement of one caller: its wire form, and what came back.
+
+    Attributes:
+        result: the statement's result, once it ended without an error.
+        error: the psycopg error it raised, or `OutcomeUnknown`.
+        abandoned: the caller is gone; what comes back is dropped.
+    """
+
+    __slots__ = (
+        "abandoned",
+        "done",
+        "error",
+        "formats",
+        "params",
+        "query",
+        "result",
+        "types",
+        "waker",
+    )
+
+    def __init__(self, pgq: PostgresQuery, waker: Waker) -> None:
+        self.query = pgq.query
+        self.params = pgq.params
+        self.types = pgq.types
+        self.formats = pgq.formats
+        self.waker = waker
+        self.done = False
+        self.abandoned = False
+        self.result: pq.abc.PGresult | None = None
+        self.error: BaseException | None = None
+
+
+class Pipeline:
+    """The statements in flight on one connection, in the order they were sent.
+
+    Attributes:
+        in_flight: statements sent and not yet answered, oldest first.
+        broken: the error that ended the pipeline (the connection is lost).
+    """
+
+    __slots__ = (
+        "_ended",
+        "_pgconn",
+        "_results",
+        "_running",
+        "_tx",
+        "_unflushed",
+        "broken",
+        "conn",
+        "in_flight",
+    )
+
+    def __init__(self, conn: Connection[Any]) -> None:
+        self.conn = conn
+        self._pgconn = conn.pgconn
+        self._tx = Transformer(conn)
+        self.in_flight: deque[Statement] = deque()
+        self.broken: BaseException | None = None
+        self._unflushed = False
+        self._ended = False  # the head statement's results ended; its Sync is next
+        self._results: list[pq.abc.PGresult] = []
+        self._running = False
+
+    def prepare(self, query: Any, params: Any, waker: Waker) -> Statement:
+        """Convert *query* and adapt *params* as psycopg would (raises its errors)."""
+        pgq = PostgresQuery(self._tx)
+        pgq.convert(query, params)
+        return Statement(pgq, waker)
+
+    def start(self) -> None:
+        """Enter pipeline mode (the connection is idle and owned by the pool)."""
+        self._pgconn.enter_pipeline_mode()
+
+    def finish(self) -> None:
+        """Leave pipeline mode once nothing is in flight."""
+        if self.broken is None and not self.in_flight:
+            self._pgconn.exit_pipeline_mode()
+
+    def send(self, statement: Statement) -> None:
+        """Send *statement* and its Sync now; libpq buffers what the socket cannot take."""
+        pgconn = self._pgconn
+        try:
+            pgconn.send_query_params(
+                statement.query,
+                statement.params,
+                param_types=statement.types,
+                param_formats=statement.formats,
+            )
+            pgconn.pipeline_sync()
+            self._unflushed = pgconn.flush() != 0
+        except e.OperationalError as ex:
+            self._lost(ex)
+            raise OutcomeUnknown(
+                f"the connection was lost while sending the statement: {ex}"
+            ) from ex
+        self.in_flight.append(statement)
+
+    def submit(
+        self, statement: Statement, spawn: Callable[[Callable[[], Awaitable[None]]], None]
+    ) -> None:
+        """Send *statement*; start the reading task (with *spawn*) unless it runs."""
+        self.send(statement)
+        if not self._running:
+            self._running = True
+            spawn(self.run)
+
+    async def run(self) -> None:
+        """Read results until nothing is in flight; a lost connection fails what was sent."""
+        pgconn = self._pgconn
+        waiter = self.conn.socket_waiter()
+        try:
+            while self.in_flight and self.broken is None:
+                if self._unflushed:
+                    self._unflushed = pgconn.flush() != 0
+                if self._unflushed:
+                    await waiter.writable()
+                    continue
+                await waiter.readable()
+                pgconn.consume_input()
+                self._dispatch()
+        except (OSError, e.OperationalError) as ex:
+            self._lost(ex)
+        finally:
+            self._running = False
+
+    def _dispatch(self) -> None:
+        pgconn = self._pgconn
+        in_flight = self.in_flight
+        while in_flight and not pgconn.is_busy():
+            result = pgconn.get_result()
+            if result is None:
+                if self._ended:
+                    return  # nothing more until the next read
+                self._ended = True
+                continue
+            if result.status == _PIPELINE_SYNC:
+                self._complete(in_flight.popleft())
+                continue
+            self._results.append(result)
+
+    def _complete(self, statement: Statement) -> None:
+        results, self._results = self._results, []
+        self._ended = False
+        if statement.abandoned:
+            return
+        for result in results:
+            if result.status == _FATAL_ERROR:
+                statement.error = e.error_from_result(result, encoding=self.conn.info.encoding)
+                break
+        else:
+            statement.result = results[-1] if results else None
+        statement.done = True
+        statement.waker.set()
+
+    def _lost(self, error: BaseException) -> None:
+        self.broken = error
+        while self.in_flight:
+            statement = self.in_flight.popleft()
+            if not statement.abandoned:
+                statement.error = OutcomeUnknown(
+                    "the connection was lost with the statement in flight: it may or may"
+                    f" not have run ({error})"
+                )
+                statement.done = True
+                statement.waker.set()
+
+    def rows(self, statement: Statement, row_factory: RowFactory[Any] | None) -> list[Any]:
+        """The rows of a finished statement, loaded by psycopg's loaders."""
+        result = statement.result
+        if result is None or result.status != _TUPLES_OK:
+            return []
+        tx = self._tx
+        tx.set_pgresult(result)
+        make_row: Any = (
+            tuple if row_factory is None else row_factory(_ResultCursor(self.conn, result))  # type: ignore[arg-type]
+        )
+        return tx.load_rows(0, result.ntuples, make_row)
+
+
+def rowcount(statement: Statement) -> int:
+    """Rows affected (or returned) by a finished statement; -1 when the command says none."""
+    result = statement.result
+    if result is None:
+        return -1
+    tuples = result.command_tuples
+    return -1 if tuples is None else tuples
+
+
+class _ResultCursor:
+    """What a psycopg row factory reads of a cursor: the result, the encoding, the adapters."""
+
+    def __init__(self, conn: Connection[Any], result: pq.abc.PGresult) -> None:
+        self.connection = conn
+        self.pgresult = result
+        self.adapters = conn.adapters
+        self._encoding = conn.info.encoding
+
+    @property
+    def description(self) -> list[psycopg.Column] | None:
+        result = self.pgresult
+        if not result.nfields:
+            return None
+        return [psycopg.Column(self, i) for i in range(result.nfields)]  # type: ignore[arg-type]
