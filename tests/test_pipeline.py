@@ -157,12 +157,12 @@ async def test_a_lost_connection_fails_exactly_the_statements_in_flight(
     caller: Caller, pg_server: PostgresServer
 ) -> None:
     assert await caller.rows("SELECT 1") == [(1,)]
-    outcomes: list[BaseException] = []
+    outcomes: list[Exception] = []
 
     async def one() -> None:
         try:
             await caller.rows("SELECT pg_sleep(30)")
-        except BaseException as ex:
+        except Exception as ex:
             outcomes.append(ex)
 
     query = "SELECT pg_sleep(30)"
