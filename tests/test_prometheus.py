@@ -33,6 +33,8 @@ GAUGES = {
     "min_size": "pgsd_pool_min_size",
     "max_size": "pgsd_pool_max_size",
     "wait_time_max": "pgsd_pool_wait_seconds_max",
+    "statements_in_flight": "pgsd_pool_statements_in_flight",
+    "pipeline_depth_max": "pgsd_pool_pipeline_depth_max",
 }
 
 COUNTERS = {
@@ -45,6 +47,7 @@ COUNTERS = {
     "connections_lost": "pgsd_pool_connections_lost_total",
     "reconnect_attempts": "pgsd_pool_reconnect_attempts_total",
     "leaks": "pgsd_pool_leaks_total",
+    "statements": "pgsd_pool_statements_total",
 }
 
 

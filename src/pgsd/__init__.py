@@ -17,6 +17,7 @@ from ._errors import ConnectError as ConnectError
 from ._errors import ConnectTimeout as ConnectTimeout
 from ._errors import DatabaseNotFound as DatabaseNotFound
 from ._errors import InsufficientPrivileges as InsufficientPrivileges
+from ._errors import OutcomeUnknown as OutcomeUnknown
 from ._errors import PgsdError as PgsdError
 from ._errors import PoolClosed as PoolClosed
 from ._errors import PoolTimeout as PoolTimeout
@@ -54,6 +55,7 @@ __all__ = [
     "DatabaseConnector",
     "DatabaseNotFound",
     "InsufficientPrivileges",
+    "OutcomeUnknown",
     "PermissionReport",
     "PgsdError",
     "PoolClosed",

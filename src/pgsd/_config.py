@@ -80,7 +80,13 @@ class _FrozenMap(Mapping[_K, _V]):
 
 # --- PoolConfig --------------------------------------------------------------
 
-_POOL_INTS = {"min_size": 0, "max_size": 1, "max_waiting": 0, "min_server_version": 130000}
+_POOL_INTS = {
+    "min_size": 0,
+    "max_size": 1,
+    "max_waiting": 0,
+    "min_server_version": 130000,
+    "pipeline_depth": 1,
+}
 _POOL_POSITIVE = (
     "acquire_timeout",
     "max_idle",
@@ -115,6 +121,8 @@ class PoolConfig:
     acquire_timeout: float = 30.0
     #: Waiters allowed in the queue; one more gets `TooManyWaiters`. 0 = unbounded.
     max_waiting: int = 0
+    #: One-shot statements (`fetchall`, ...) in flight on one connection; 1 = no pipelining.
+    pipeline_depth: int = 16
     #: An idle connection above ``min_size`` is closed after this long.
     max_idle: float = 600.0
     #: Every connection is replaced after this long (with jitter below).

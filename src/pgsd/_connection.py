@@ -414,14 +414,14 @@ class Connection(psycopg.AsyncConnection[Row]):
         A pool uses it for a connection it gives up on. Unlike :meth:`close`
         it never yields to the event loop.
         """
-        if self.closed:
-            return
         waiter, self._fd_waiter = self._fd_waiter, None
-        if waiter is not None:
+        if waiter is not None:  # also when libpq closed the socket itself (lost)
             if self.pgconn.status == _BAD:
                 waiter.forget()
             else:
                 waiter.close()
+        if self.closed:
+            return
         self._closed = True
         self.pgconn.finish()
 

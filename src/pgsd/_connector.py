@@ -17,6 +17,7 @@ from typing import Any, Self
 import anyio
 import anyio.abc
 from psycopg import AsyncConnection
+from psycopg.rows import RowFactory
 
 from ._config import ConnectorConfig, DatabaseConfig, PoolConfig
 from ._connection import Connection
@@ -36,7 +37,52 @@ logger = logging.getLogger("pgsd.connector")
 Target = str | DatabaseConfig
 
 
-class DatabaseConnector:
+class _OneShotByName:
+    """One-shot statements by database: ``await connector.fetchval("source", query)``.
+
+    The same as the pool's (`ConnectionPool.fetchall` and the others), on
+    the pool of the database named (or of a `DatabaseConfig`).
+    """
+
+    async def _resolve(self, target: Target) -> ConnectionPool:
+        raise NotImplementedError  # pragma: no cover
+
+    async def fetchall(
+        self,
+        target: Target,
+        query: Any,
+        params: Any = None,
+        *,
+        row_factory: RowFactory[Any] | None = None,
+    ) -> list[Any]:
+        """All rows of one statement on the database's pool (see `ConnectionPool.fetchall`)."""
+        pool = await self._resolve(target)
+        return await pool.fetchall(query, params, row_factory=row_factory)
+
+    async def fetchone(
+        self,
+        target: Target,
+        query: Any,
+        params: Any = None,
+        *,
+        row_factory: RowFactory[Any] | None = None,
+    ) -> Any:
+        """The first row, or None (see `ConnectionPool.fetchone`)."""
+        pool = await self._resolve(target)
+        return await pool.fetchone(query, params, row_factory=row_factory)
+
+    async def fetchval(self, target: Target, query: Any, params: Any = None) -> Any:
+        """The first column of the first row, or None (see `ConnectionPool.fetchval`)."""
+        pool = await self._resolve(target)
+        return await pool.fetchval(query, params)
+
+    async def execute(self, target: Target, query: Any, params: Any = None) -> int:
+        """Rows affected (see `ConnectionPool.execute`)."""
+        pool = await self._resolve(target)
+        return await pool.execute(query, params)
+
+
+class DatabaseConnector(_OneShotByName):
     """A connection pool per configured database, in one task group.
 
     Use it as an async context manager::

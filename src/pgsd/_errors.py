@@ -18,6 +18,7 @@ __all__ = [
     "ConnectTimeout",
     "DatabaseNotFound",
     "InsufficientPrivileges",
+    "OutcomeUnknown",
     "PgsdError",
     "PoolClosed",
     "PoolTimeout",

@@ -43,6 +43,11 @@ class PoolStats:
         reconnect_attempts: connection attempts made while the database was
             down.
         leaks: connections reported as held longer than ``leak_threshold``.
+        statements: one-shot statements answered (`fetchall` and the others).
+        statements_in_flight: one-shot statements sent and not yet answered
+            (gauge).
+        pipeline_depth_max: the most one-shot statements in flight on one
+            connection at once.
     """
 
     name: str
@@ -64,6 +69,9 @@ class PoolStats:
     connections_lost: int
     reconnect_attempts: int
     leaks: int
+    statements: int
+    statements_in_flight: int
+    pipeline_depth_max: int
 
 
 class PoolCounters:
@@ -72,11 +80,13 @@ class PoolCounters:
     __slots__ = (
         "acquires",
         "closed",
+        "depth_max",
         "errors",
         "leaks",
         "lost",
         "opened",
         "reconnects",
+        "statements",
         "timeouts",
         "wait_max",
         "wait_total",
@@ -93,6 +103,8 @@ class PoolCounters:
         self.lost = 0
         self.reconnects = 0
         self.leaks = 0
+        self.statements = 0
+        self.depth_max = 0
 
     def waited(self, seconds: float) -> None:
         """Count one acquire's wait."""
@@ -111,6 +123,7 @@ class PoolCounters:
         idle: int,
         opening: int,
         waiting: int,
+        in_flight: int,
     ) -> PoolStats:
         """The counters with the pool's gauges, frozen."""
         return PoolStats(
@@ -133,4 +146,7 @@ class PoolCounters:
             connections_lost=self.lost,
             reconnect_attempts=self.reconnects,
             leaks=self.leaks,
+            statements=self.statements,
+            statements_in_flight=in_flight,
+            pipeline_depth_max=self.depth_max,
         )

@@ -84,6 +84,19 @@ _EXPORTS: Final = (
         "Connection attempts made while the database was down.",
     ),
     _Export("leaks", "counter", "leaks", "Connections held longer than leak_threshold."),
+    _Export("statements", "counter", "statements", "One-shot statements answered."),
+    _Export(
+        "statements_in_flight",
+        "gauge",
+        "statements_in_flight",
+        "One-shot statements sent and not yet answered.",
+    ),
+    _Export(
+        "pipeline_depth_max",
+        "gauge",
+        "pipeline_depth_max",
+        "The most one-shot statements in flight on one connection at once.",
+    ),
 )
 
 #: PoolStats fields that are not one number each: ``name`` becomes the

@@ -50,6 +50,7 @@ class Entry:
         "expires",
         "last_used",
         "leak_reported",
+        "pipeline",
         "stack",
     )
 
@@ -62,3 +63,4 @@ class Entry:
         self.borrowed_at = 0.0
         self.stack: traceback.StackSummary | None = None
         self.leak_reported = False
+        self.pipeline: Any = None  # a `Pipeline` while one-shot statements use it

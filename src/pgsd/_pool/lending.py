@@ -27,8 +27,12 @@ __all__ = ["acquire", "take_back_interrupted", "timeout_error", "worth_checking"
 _INPUT_CHECK_AFTER: Final = 0.001
 
 
-async def acquire(pool: ConnectionPool, limit: float | None) -> Entry:
-    """A connection for a borrower, within *limit* seconds (default ``acquire_timeout``)."""
+async def acquire(pool: ConnectionPool, limit: float | None, *, wants_slot: bool = False) -> Entry:
+    """A connection for a borrower, within *limit* seconds (default ``acquire_timeout``).
+
+    With *wants_slot* (a one-shot statement), room on a pipelined
+    connection will do too: the entry returned may be pipelined.
+    """
     if pool._closed:
         raise PoolClosed(f"pool {pool.name!r} is closed")
     start = pool._now()
@@ -42,7 +46,9 @@ async def acquire(pool: ConnectionPool, limit: float | None) -> Entry:
             entry = pool._idle.pop()  # the most recently used: idle ones expire
         if entry is None:
             waited = True
-            entry = await _wait_for_entry(pool, deadline, limit)
+            entry = await _wait_for_entry(pool, deadline, limit, wants_slot)
+            if entry in pool._pipelined:
+                return entry  # room on a pipeline: nothing to check, no loan to track
         if worth_checking(entry, start, pool._ping_after_idle) and not await _check(
             pool, entry, deadline
         ):
@@ -59,7 +65,9 @@ async def acquire(pool: ConnectionPool, limit: float | None) -> Entry:
     return entry
 
 
-async def _wait_for_entry(pool: ConnectionPool, deadline: float, limit: float) -> Entry:
+async def _wait_for_entry(
+    pool: ConnectionPool, deadline: float, limit: float, wants_slot: bool
+) -> Entry:
     waiters = pool._waiters
     error = pool._availability.fail_fast_error(connections=len(pool._entries))
     if error is not None:
@@ -71,14 +79,20 @@ async def _wait_for_entry(pool: ConnectionPool, deadline: float, limit: float) -
             f" (max_waiting={max_waiting})"
         )
     waiter = waiters.add(
-        deadline, current_backend().waker(), default_timeout=limit == pool._acquire_timeout
+        deadline,
+        current_backend().waker(),
+        default_timeout=limit == pool._acquire_timeout,
+        wants_slot=wants_slot,
     )
     pool._filler.grow()
     try:
         await waiter.waker.wait()
     except BaseException:
         handed = waiters.abandon(waiter)
-        if handed is not None:
+        if handed is not None and handed in pool._pipelined:
+            handed.pipeline.reserved -= 1
+            grant_room(pool, handed)
+        elif handed is not None:
             pool._put_back(handed)  # never strand what it was handed
         raise
     if waiter.entry is not None:
@@ -88,6 +102,16 @@ async def _wait_for_entry(pool: ConnectionPool, deadline: float, limit: float) -
         pool._counters.timeouts += 1
         raise timeout_error(pool, limit, "for a connection") from pool.last_error
     raise waiter.error
+
+
+def grant_room(pool: ConnectionPool, entry: Entry) -> None:
+    """Give the room on *entry*'s pipeline to queued statements, first come first served."""
+    pipeline = entry.pipeline
+    room = pool.pool_config.pipeline_depth - len(pipeline.in_flight) - pipeline.reserved
+    for _ in range(room):
+        if not pool._waiters.grant_slot(entry):
+            return
+        pipeline.reserved += 1
 
 
 def timeout_error(pool: ConnectionPool, limit: float, what: str) -> PoolTimeout:

@@ -90,6 +90,8 @@ class Pipeline:
         "broken",
         "conn",
         "in_flight",
+        "on_room",
+        "reserved",
     )
 
     def __init__(self, conn: Connection[Any]) -> None:
@@ -102,6 +104,10 @@ class Pipeline:
         self._ended = False  # the head statement's results ended; its Sync is next
         self._results: list[pq.abc.PGresult] = []
         self._running = False
+        #: Room granted to queued statements that have not been sent yet.
+        self.reserved = 0
+        #: Called when a statement ends: room for one more.
+        self.on_room: Callable[[], None] | None = None
 
     def prepare(self, query: Any, params: Any, waker: Waker) -> Statement:
         """Convert *query* and adapt *params* as psycopg would (raises its errors)."""
@@ -136,6 +142,11 @@ class Pipeline:
                 f"the connection was lost while sending the statement: {ex}"
             ) from ex
         self.in_flight.append(statement)
+
+    @property
+    def running(self) -> bool:
+        """Whether the reading task runs."""
+        return self._running
 
     def submit(
         self, statement: Statement, spawn: Callable[[Callable[[], Awaitable[None]]], None]
@@ -177,6 +188,8 @@ class Pipeline:
                 continue
             if result.status == _PIPELINE_SYNC:
                 self._complete(in_flight.popleft())
+                if self.on_room is not None:
+                    self.on_room()
                 continue
             self._results.append(result)
 

@@ -37,6 +37,7 @@ from .entry import IDLE, PING_TIMEOUT, ConnectionFactory, Entry
 from .filler import Filler
 from .lending import acquire, timeout_error, worth_checking
 from .maintenance import Maintenance
+from .statements import OneShot
 from .waiters import WaiterQueue
 
 __all__ = ["ConnectionPool", "Hook"]
@@ -76,7 +77,7 @@ class _Lease:
             await release(self._pool, entry, exc)  # noqa: ASYNC102
 
 
-class ConnectionPool:
+class ConnectionPool(OneShot):
     """Connections to one database, lent to one task at a time.
 
     Use it as an async context manager; its tasks run until it is closed::
@@ -129,6 +130,7 @@ class ConnectionPool:
 
         self._entries: set[Entry] = set()
         self._idle: deque[Entry] = deque()  # the most recently used on the right
+        self._pipelined: set[Entry] = set()  # in pipeline mode for one-shot statements
         self._waiters = WaiterQueue()
         self._closed = True
         self._opened_once = False
@@ -313,6 +315,7 @@ class ConnectionPool:
             idle=len(self._idle),
             opening=self._filler.opening,
             waiting=self._waiters.count,
+            in_flight=sum(len(entry.pipeline.in_flight) for entry in self._pipelined),
         )
 
     @property

@@ -25,10 +25,11 @@ __all__ = ["Waiter", "WaiterQueue"]
 class Waiter:
     """A task waiting for a connection: woken once, with a connection or an error."""
 
-    __slots__ = ("deadline", "done", "entry", "error", "waker")
+    __slots__ = ("deadline", "done", "entry", "error", "waker", "wants_slot")
 
-    def __init__(self, deadline: float, waker: Waker) -> None:
+    def __init__(self, deadline: float, waker: Waker, wants_slot: bool = False) -> None:
         self.deadline = deadline
+        self.wants_slot = wants_slot  # a one-shot statement: room on a pipeline will do
         self.done = False
         self.entry: Entry | None = None
         self.error: BaseException | None = None
@@ -55,9 +56,11 @@ class WaiterQueue:
         self._target = float("inf")
         self.count = 0
 
-    def add(self, deadline: float, waker: Waker, *, default_timeout: bool) -> Waiter:
+    def add(
+        self, deadline: float, waker: Waker, *, default_timeout: bool, wants_slot: bool = False
+    ) -> Waiter:
         """Queue a waiter; *default_timeout* says its deadline keeps arrival order."""
-        waiter = Waiter(deadline, waker)
+        waiter = Waiter(deadline, waker, wants_slot)
         self._fifo.append(waiter)
         self.count += 1
         if default_timeout:
@@ -82,6 +85,15 @@ class WaiterQueue:
             self._forget_served()
             return True
         return False
+
+    def grant_slot(self, entry: Entry) -> bool:
+        """Hand room on *entry*'s pipeline to the first waiter, if it is a statement's."""
+        fifo = self._fifo
+        while fifo and fifo[0].done:
+            fifo.popleft()
+        if not fifo or not fifo[0].wants_slot:
+            return False  # nobody, or a borrower first: it waits for a whole connection
+        return self.grant(entry)
 
     def fail(self, waiter: Waiter, error: BaseException) -> None:
         """Wake *waiter* with *error*, unless it was woken already."""

@@ -1,0 +1,178 @@
+"""One-shot statements on the pool: `fetchall`, `fetchone`, `fetchval`, `execute`.
+
+A statement does not borrow a connection: it is sent on a pooled
+connection in pipeline mode (`pipeline`), beside other callers'
+statements, up to ``pipeline_depth`` in flight per connection. The choice
+of a connection: an idle one first (it enters pipeline mode), else the
+least loaded pipelined one with room, else the caller queues in the pool's
+FIFO like a borrower, under the same ``acquire_timeout`` and
+``max_waiting``. A pipelined connection is never lent; once its last
+statement is answered it leaves pipeline mode and goes back to the pool
+(to the first waiter, or idle).
+
+Head of line: a connection's statements run one after the other on the
+server, so a slow statement delays those sent behind it on the same
+connection. New statements go to the least loaded connection, which keeps
+them away from a connection busy with a slow one while another has room.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from psycopg.rows import RowFactory, tuple_row
+
+from .._backend import current_backend
+from .._errors import PoolClosed
+from .entry import Entry
+from .lending import acquire, grant_room
+from .pipeline import Pipeline, Statement, rowcount
+
+if TYPE_CHECKING:
+    from .pool import ConnectionPool
+
+__all__ = ["OneShot"]
+
+
+class OneShot:
+    """The one-shot statement methods of `ConnectionPool`."""
+
+    async def fetchall(
+        self, query: Any, params: Any = None, *, row_factory: RowFactory[Any] | None = None
+    ) -> list[Any]:
+        """Run one statement in its own implicit transaction; return its rows.
+
+        Raises:
+            psycopg.Error: the statement failed (the class a lent connection
+                would raise).
+            OutcomeUnknown: the connection was lost with the statement in
+                flight; it may have run.
+            PoolTimeout, TooManyWaiters, PoolClosed: as `connection()`.
+        """
+        pool: ConnectionPool = self  # type: ignore[assignment]
+        statement, entry = await _run(pool, query, params)
+        return _rows(pool, entry, statement, row_factory)
+
+    async def fetchone(
+        self, query: Any, params: Any = None, *, row_factory: RowFactory[Any] | None = None
+    ) -> Any:
+        """As `fetchall`; the first row, or None."""
+        rows = await self.fetchall(query, params, row_factory=row_factory)
+        return rows[0] if rows else None
+
+    async def fetchval(self, query: Any, params: Any = None) -> Any:
+        """As `fetchall`; the first column of the first row, or None."""
+        rows = await self.fetchall(query, params)
+        return rows[0][0] if rows and rows[0] else None
+
+    async def execute(self, query: Any, params: Any = None) -> int:
+        """As `fetchall`; the number of rows affected (-1 when the command gives none)."""
+        pool: ConnectionPool = self  # type: ignore[assignment]
+        statement, _ = await _run(pool, query, params)
+        return rowcount(statement)
+
+
+def _rows(
+    pool: ConnectionPool, entry: Entry, statement: Statement, row_factory: RowFactory[Any] | None
+) -> list[Any]:
+    factory = row_factory if row_factory is not None else entry.conn.row_factory
+    return entry.pipeline.rows(statement, None if factory is tuple_row else factory)  # type: ignore[no-any-return]
+
+
+async def _run(pool: ConnectionPool, query: Any, params: Any) -> tuple[Statement, Entry]:
+    entry = _with_room(pool)
+    if entry is None:
+        # Queue FIFO with borrowers: for room on a pipeline, or a whole connection.
+        entry = await acquire(pool, None, wants_slot=True)
+        if entry not in pool._pipelined:
+            _start(pool, entry)
+            entry.pipeline.reserved += 1  # ours, then the room left to those queued behind
+            grant_room(pool, entry)
+    else:
+        entry.pipeline.reserved += 1
+    pipeline: Pipeline = entry.pipeline
+    try:
+        statement = pipeline.prepare(query, params, current_backend().waker())
+        pipeline.reserved -= 1
+        pipeline.submit(statement, lambda run: pool._spawn(lambda: _drive(pool, entry, run)))
+        depth = len(pipeline.in_flight)
+        if depth > pool._counters.depth_max:
+            pool._counters.depth_max = depth
+    except BaseException:
+        if statement_not_sent(pipeline):
+            _give_back(pool, entry)
+        raise
+    try:
+        await statement.waker.wait()
+    except BaseException:
+        statement.abandoned = True
+        raise
+    if statement.error is not None:
+        raise statement.error
+    return statement, entry
+
+
+def statement_not_sent(pipeline: Pipeline) -> bool:
+    """After a failed prepare or send: whether the pipeline is left with no reader."""
+    if pipeline.reserved > 0 and pipeline.broken is None:
+        pipeline.reserved -= 1
+    return not pipeline.running and not pipeline.reserved
+
+
+def _with_room(pool: ConnectionPool) -> Entry | None:
+    """An idle connection, else the least loaded pipeline with room; none while others queue."""
+    if pool._closed:
+        raise PoolClosed(f"pool {pool.name!r} is closed")
+    if pool._waiters.count:
+        return None  # FIFO: queue behind them
+    if pool._idle:
+        entry = pool._idle.pop()
+        _start(pool, entry)
+        return entry
+    best: Entry | None = None
+    best_load = room = pool.pool_config.pipeline_depth
+    for entry in pool._pipelined:
+        pipeline = entry.pipeline
+        load = len(pipeline.in_flight) + pipeline.reserved
+        if load < best_load and pipeline.broken is None:
+            best, best_load = entry, load
+    return best if best_load < room else None
+
+
+def _answered(pool: ConnectionPool, entry: Entry) -> None:
+    """A statement was answered: count it, and give its room to the first in the queue."""
+    pool._counters.statements += 1
+    if pool._waiters.count:
+        grant_room(pool, entry)
+
+
+def _start(pool: ConnectionPool, entry: Entry) -> None:
+    """Put an idle connection in pipeline mode for one-shot statements."""
+    pipeline = entry.pipeline
+    if pipeline is None:
+        pipeline = entry.pipeline = Pipeline(entry.conn)
+        pipeline.on_room = lambda: _answered(pool, entry)
+    pipeline.start()
+    pool._pipelined.add(entry)
+
+
+async def _drive(pool: ConnectionPool, entry: Entry, run: Any) -> None:
+    """Read the pipeline's results; when it empties, give the connection back."""
+    await run()
+    pipeline: Pipeline = entry.pipeline
+    if not pipeline.in_flight and not pipeline.reserved:
+        _give_back(pool, entry)
+
+
+def _give_back(pool: ConnectionPool, entry: Entry) -> None:
+    """A pipeline with nothing in flight: leave pipeline mode, back to the pool (or evict)."""
+    pipeline: Pipeline = entry.pipeline
+    pool._pipelined.discard(entry)
+    if pipeline.broken is not None or entry.conn.closed:
+        pool._counters.lost += 1
+        entry.pipeline = None
+        pool._discard(entry)
+        return
+    pipeline.finish()
+    entry.last_used = pool._now()
+    pool._put_back(entry)
