@@ -200,3 +200,47 @@ async def test_the_connector_runs_one_shot_statements_by_database_name(
         assert await connector.execute("main", "SELECT 1") == 1
         with pytest.raises(pgsd.ConfigError):
             await connector.fetchval("nowhere", "SELECT 1")
+
+
+async def wait_for_waiters(pool: pgsd.ConnectionPool, count: int) -> None:
+    for _ in range(1000):
+        if pool.stats().waiting == count:
+            return
+        await anyio.lowlevel.checkpoint()
+    raise AssertionError(f"never {count} waiters")
+
+
+async def test_statements_and_borrowers_are_served_first_come_first_served(
+    pg_server: PostgresServer,
+) -> None:
+    served: list[str] = []
+    async with open_pool(db_config(pg_server), max_size=1, pipeline_depth=1) as pool:
+
+        async def statement(label: str) -> None:
+            await pool.fetchval("SELECT 1")
+            served.append(label)
+
+        async def borrower(label: str) -> None:
+            async with pool.connection():
+                served.append(label)
+
+        async with anyio.create_task_group() as tg:
+            async with pool.connection():
+                for n, (kind, label) in enumerate(
+                    [(statement, "s1"), (borrower, "b1"), (statement, "s2"), (borrower, "b2")]
+                ):
+                    tg.start_soon(kind, label)
+                    await wait_for_waiters(pool, n + 1)
+    assert served == ["s1", "b1", "s2", "b2"]
+
+
+async def test_max_waiting_applies_to_one_shot_statements(pg_server: PostgresServer) -> None:
+    async with open_pool(db_config(pg_server), max_size=1, max_waiting=2) as pool:
+        async with anyio.create_task_group() as tg:
+            async with pool.connection():
+                for n in range(2):
+                    tg.start_soon(pool.fetchval, "SELECT 1")
+                    await wait_for_waiters(pool, n + 1)
+                with pytest.raises(pgsd.TooManyWaiters):
+                    await pool.fetchval("SELECT 1")
+        assert pool.stats().statements == 2
