@@ -213,16 +213,19 @@ async def wait_for_waiters(pool: pgsd.ConnectionPool, count: int) -> None:
 async def test_statements_and_borrowers_are_served_first_come_first_served(
     pg_server: PostgresServer,
 ) -> None:
-    served: list[str] = []
+    # Served in turn on one connection: the server's clock gives the order.
+    served: list[tuple[Any, str]] = []
     async with open_pool(db_config(pg_server), max_size=1, pipeline_depth=1) as pool:
 
         async def statement(label: str) -> None:
-            await pool.fetchval("SELECT 1")
-            served.append(label)
+            served.append((await pool.fetchval("SELECT clock_timestamp()"), label))
 
         async def borrower(label: str) -> None:
-            async with pool.connection():
-                served.append(label)
+            async with pool.connection() as conn:
+                cur = await conn.execute("SELECT clock_timestamp()")
+                row = await cur.fetchone()
+                assert row is not None
+                served.append((row[0], label))
 
         async with anyio.create_task_group() as tg:
             async with pool.connection():
@@ -231,7 +234,7 @@ async def test_statements_and_borrowers_are_served_first_come_first_served(
                 ):
                     tg.start_soon(kind, label)
                     await wait_for_waiters(pool, n + 1)
-    assert served == ["s1", "b1", "s2", "b2"]
+    assert [label for _, label in sorted(served)] == ["s1", "b1", "s2", "b2"]
 
 
 async def test_max_waiting_applies_to_one_shot_statements(pg_server: PostgresServer) -> None:
@@ -244,3 +247,52 @@ async def test_max_waiting_applies_to_one_shot_statements(pg_server: PostgresSer
                 with pytest.raises(pgsd.TooManyWaiters):
                     await pool.fetchval("SELECT 1")
         assert pool.stats().statements == 2
+
+
+async def test_a_cancelled_statement_is_stopped_on_the_server_and_the_rest_go_on(
+    pg_server: PostgresServer,
+) -> None:
+    config = db_config(pg_server)
+    results: list[Any] = []
+    async with open_pool(config, min_size=1, max_size=1) as pool:
+        pid = await pool.fetchval("SELECT pg_backend_pid()")
+        query = "SELECT pg_sleep(60)"
+        canceller = CancelWhenRunning(pg_server, pid, query)
+
+        async def behind(n: int) -> None:
+            results.append(await pool.fetchval("SELECT %s::int", [n]))
+
+        async with anyio.create_task_group() as tg:
+            with canceller.scope:
+                async with anyio.create_task_group() as inner:
+                    inner.start_soon(canceller.run)
+                    inner.start_soon(pool.fetchval, query)
+                    await wait_until_sent(pool, 1)
+                    for n in range(5):  # sent behind the sleep, on the same connection
+                        tg.start_soon(behind, n)
+                    await wait_until_sent(pool, 6)
+            # The caller left; the statements behind get their results well before 60 s.
+            with anyio.fail_after(config.cancel_grace + 5):
+                await wait_for_count(results, 5)
+        assert sorted(results) == list(range(5))
+        busy = await server_connections(pg_server, config.application_name)
+        assert busy <= 1
+        stats = pool.stats()
+        assert stats.connections_closed == 0  # stopped by the cancel request, not closed
+        assert await pool.fetchval("SELECT pg_backend_pid()") == pid
+
+
+async def wait_until_sent(pool: pgsd.ConnectionPool, count: int) -> None:
+    for _ in range(1000):
+        if pool.stats().statements_in_flight >= count:
+            return
+        await anyio.lowlevel.checkpoint()
+    raise AssertionError(f"never {count} statements in flight")
+
+
+async def wait_for_count(items: list[Any], count: int) -> None:
+    for _ in range(10_000):
+        if len(items) >= count:
+            return
+        await anyio.sleep(0.01)
+    raise AssertionError(f"never {count} items")

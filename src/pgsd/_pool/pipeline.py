@@ -26,7 +26,7 @@ from psycopg._queries import PostgresQuery
 from psycopg.adapt import Transformer
 from psycopg.rows import RowFactory
 
-from .._backend import Waker
+from .._backend import Waker, current_backend
 from .._connection import Connection
 from .._errors import OutcomeUnknown
 
@@ -55,6 +55,7 @@ class Statement:
         "formats",
         "params",
         "query",
+        "resent",
         "result",
         "types",
         "waker",
@@ -68,6 +69,7 @@ class Statement:
         self.waker = waker
         self.done = False
         self.abandoned = False
+        self.resent = False
         self.result: pq.abc.PGresult | None = None
         self.error: BaseException | None = None
 
@@ -88,6 +90,7 @@ class Pipeline:
         "_tx",
         "_unflushed",
         "broken",
+        "cancel_until",
         "conn",
         "in_flight",
         "on_room",
@@ -106,6 +109,9 @@ class Pipeline:
         self._running = False
         #: Room granted to queued statements that have not been sent yet.
         self.reserved = 0
+        #: Until then, a statement cancelled that its caller did not leave was
+        #: hit by a cancel request meant for the one before it: it is sent again.
+        self.cancel_until = 0.0
         #: Called when a statement ends: room for one more.
         self.on_room: Callable[[], None] | None = None
 
@@ -197,15 +203,27 @@ class Pipeline:
         results, self._results = self._results, []
         self._ended = False
         if statement.abandoned:
+            statement.done = True
+            statement.waker.set()  # for the task that cancels it on the server
             return
         for result in results:
             if result.status == _FATAL_ERROR:
-                statement.error = e.error_from_result(result, encoding=self.conn.info.encoding)
+                error = e.error_from_result(result, encoding=self.conn.info.encoding)
+                if self._cancelled_by_mistake(error, statement):
+                    statement.resent = True
+                    self.send(statement)  # in its own transaction: nothing of it committed
+                    return
+                statement.error = error
                 break
         else:
             statement.result = results[-1] if results else None
         statement.done = True
         statement.waker.set()
+
+    def _cancelled_by_mistake(self, error: BaseException, statement: Statement) -> bool:
+        if statement.resent or not isinstance(error, e.QueryCanceled) or not self.cancel_until:
+            return False
+        return current_backend().time() < self.cancel_until
 
     def _lost(self, error: BaseException) -> None:
         self.broken = error
@@ -216,8 +234,8 @@ class Pipeline:
                     "the connection was lost with the statement in flight: it may or may"
                     f" not have run ({error})"
                 )
-                statement.done = True
-                statement.waker.set()
+            statement.done = True
+            statement.waker.set()
 
     def rows(self, statement: Statement, row_factory: RowFactory[Any] | None) -> list[Any]:
         """The rows of a finished statement, loaded by psycopg's loaders."""

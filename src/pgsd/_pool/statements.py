@@ -18,8 +18,12 @@ them away from a connection busy with a slow one while another has room.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import TYPE_CHECKING, Any
 
+import anyio
+import psycopg
 from psycopg.rows import RowFactory, tuple_row
 
 from .._backend import current_backend
@@ -32,6 +36,8 @@ if TYPE_CHECKING:
     from .pool import ConnectionPool
 
 __all__ = ["OneShot"]
+
+logger = logging.getLogger("pgsd.pool")
 
 
 class OneShot:
@@ -106,6 +112,9 @@ async def _run(pool: ConnectionPool, query: Any, params: Any) -> tuple[Statement
         await statement.waker.wait()
     except BaseException:
         statement.abandoned = True
+        if pipeline.in_flight and pipeline.in_flight[0] is statement:
+            # The server runs it (or is about to): cancel it there, in the pool's task.
+            pool._spawn(lambda: _cancel_head(pool, entry, statement))
         raise
     if statement.error is not None:
         raise statement.error
@@ -137,6 +146,33 @@ def _with_room(pool: ConnectionPool) -> Entry | None:
         if load < best_load and pipeline.broken is None:
             best, best_load = entry, load
     return best if best_load < room else None
+
+
+async def _cancel_head(pool: ConnectionPool, entry: Entry, statement: Statement) -> None:
+    """Stop an abandoned statement on the server, within ``cancel_grace``, or close.
+
+    A cancel request stops whatever the backend runs when it arrives: if
+    the abandoned statement ended meanwhile, the next one may be hit; the
+    pipeline sends such a statement again (its own transaction rolled back).
+    """
+    conn = entry.conn
+    pipeline: Pipeline = entry.pipeline
+    grace = conn.cancel_grace
+    pipeline.cancel_until = pool._now() + 2 * grace
+    statement.waker = current_backend().waker()
+    with anyio.move_on_after(grace):
+        if not statement.done:
+            with contextlib.suppress(psycopg.Error):
+                await conn.cancel_safe(timeout=grace)
+            await statement.waker.wait()
+    if not statement.done:
+        logger.warning(
+            "pool %r: a one-shot statement whose caller left did not stop %.1f s after"
+            " its cancellation: closing its connection",
+            pool.name,
+            grace,
+        )
+        conn.abort()  # the pipeline's reader fails what is in flight (OutcomeUnknown)
 
 
 def _answered(pool: ConnectionPool, entry: Entry) -> None:
