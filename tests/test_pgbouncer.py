@@ -360,3 +360,30 @@ async def test_get_version_and_check_permissions_through_pgbouncer(
     assert report.user == account.role
     assert not report.is_superuser
     assert report.missing == ("role:pg_monitor",)
+
+
+@pytest.mark.parametrize("pool_mode", ["session", "transaction"])
+async def test_one_shot_statements_through_pgbouncer(
+    pg_server: PostgresServer, account: Account, pool_mode: Literal["session", "transaction"]
+) -> None:
+    with PgBouncer(pg_server, pool_mode=pool_mode, pool_size=2) as bouncer:
+        # The default prepare_threshold: one-shot statements are never
+        # prepared by name, so transaction mode needs nothing more.
+        config = bouncer_config(bouncer, account)
+        results: dict[int, Any] = {}
+        # No more clients than server connections: in session mode a third
+        # client would wait for one of them to disconnect.
+        async with open_pool(config, max_size=2) as pool:
+
+            async def one(n: int) -> None:
+                results[n] = await pool.fetchone("SELECT %s::int, %s::text", [n, str(n)])
+
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    for n in range(200):
+                        tg.start_soon(one, n)
+                with pytest.raises(psycopg.errors.DivisionByZero):
+                    await pool.fetchval("SELECT 1 / 0")
+                assert await pool.fetchval("SELECT 'after'") == "after"
+            assert pool.stats().statements >= 202
+        assert results == {n: (n, str(n)) for n in range(200)}

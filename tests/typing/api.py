@@ -61,6 +61,11 @@ async def pooling(config: pgsd.DatabaseConfig) -> None:
         assert_type(stats.wait_time_max, float)
         assert_type(pool.state, pgsd.PoolState)
         assert_type(pool.last_error, BaseException | None)
+        assert_type(await pool.fetchall("SELECT %s", [1]), list[Any])
+        assert_type(await pool.fetchone("SELECT 1", row_factory=dict_row), Any)
+        assert_type(await pool.fetchval("SELECT 1"), Any)
+        assert_type(await pool.execute("SELECT 1"), int)
+        assert_type(stats.statements_in_flight, int)
 
 
 async def connecting_to_many(config: pgsd.ConnectorConfig) -> None:
@@ -68,6 +73,8 @@ async def connecting_to_many(config: pgsd.ConnectorConfig) -> None:
 
     async with pgsd.DatabaseConnector(config, on_down=on_down) as connector:
         assert_type(connector, pgsd.DatabaseConnector)
+        assert_type(await connector.fetchval("source", "SELECT 1"), Any)
+        assert_type(await connector.execute("source", "SELECT %s", [1]), int)
         lease = connector.get_connection("source", timeout=2.0)
         assert_type(lease, AbstractAsyncContextManager[pgsd.Connection[Any]])
         async with lease as conn:
