@@ -28,6 +28,7 @@ EXPECTED = {
     "DatabaseNotFound",
     "InsufficientPrivileges",
     "MIN_SERVER_VERSION",
+    "OutcomeUnknown",
     "PermissionReport",
     "PgsdError",
     "PoolClosed",
