@@ -6,13 +6,14 @@ import contextlib
 import datetime
 import gc
 import itertools
+import logging
 import os
 import re
 import subprocess
 import sys
 import time
 import warnings
-from collections.abc import AsyncIterator, Set
+from collections.abc import AsyncIterator, Iterator, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,33 @@ REPORT_KEYS = frozenset(
     }
 )
 VERSION_KEYS = frozenset({"major", "minor", "num", "text"})
+
+
+class PoolWarnings(logging.Handler):
+    """The pool's warnings as they are logged, with the event loop's time of each."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((anyio.current_time(), record.getMessage()))
+
+    @property
+    def messages(self) -> list[str]:
+        return [message for _, message in self.records]
+
+
+@contextlib.contextmanager
+def pool_warnings() -> Iterator[PoolWarnings]:
+    """Record what ``pgsd.pool`` warns of inside the block."""
+    handler = PoolWarnings()
+    logger = logging.getLogger("pgsd.pool")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
 
 
 class CancelWhenRunning:

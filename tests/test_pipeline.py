@@ -43,7 +43,8 @@ class Caller:
     async def run(self, query: str, params: Any = None) -> Any:
         pipeline = self.pipeline
         statement = pipeline.prepare(query, params, current_backend().waker())
-        pipeline.submit(statement, self._spawn)
+        if pipeline.submit(statement):
+            self._spawn(pipeline.run)
         self.sent += 1
         try:
             await statement.waker.wait()

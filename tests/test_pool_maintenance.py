@@ -10,7 +10,6 @@ machine.
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -20,7 +19,7 @@ import pytest
 
 import pgsd
 from pgsd.testing import FaultProxy, PostgresServer
-from support import assert_invariants, unique_name
+from support import assert_invariants, pool_warnings, unique_name
 
 pytestmark = pytest.mark.anyio
 
@@ -59,33 +58,11 @@ async def wait_for(condition: Callable[[], bool], limit: float) -> float:
     raise AssertionError(f"not within {limit:g} s")
 
 
-class Recorder(logging.Handler):
-    """The pool's warnings, as they are logged."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-@contextlib.contextmanager
-def recording() -> Any:
-    recorder = Recorder()
-    logger = logging.getLogger("pgsd.pool")
-    logger.addHandler(recorder)
-    try:
-        yield recorder
-    finally:
-        logger.removeHandler(recorder)
-
-
 async def test_a_leak_is_reported_while_idle_health_checks_hang(
     pg_server: PostgresServer, anyio_backend: str
 ) -> None:
     threshold = 1.5
-    with recording() as log:
+    with pool_warnings() as log:
         async with proxied_pool(
             pg_server, min_size=6, max_size=6, health_check_interval=TICK, leak_threshold=threshold
         ) as (proxy, pool):

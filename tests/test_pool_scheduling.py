@@ -12,7 +12,6 @@ dealings with PostgreSQL.
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +21,7 @@ import pytest
 from psycopg import pq
 
 import pgsd
+from support import PoolWarnings, pool_warnings
 from virtual_time import virtual_backend
 
 pytestmark = pytest.mark.anyio
@@ -126,26 +126,10 @@ async def until(condition: Any, limit: float = 60.0) -> None:
     raise AssertionError("condition never held")
 
 
-class Warnings(logging.Handler):
-    """The pool's warnings, with the virtual time each was logged at."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[tuple[float, str]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append((anyio.current_time(), record.getMessage()))
-
-
 @pytest.fixture
-def warnings_logged() -> Iterator[Warnings]:
-    handler = Warnings()
-    logger = logging.getLogger("pgsd.pool")
-    logger.addHandler(handler)
-    try:
+def warnings_logged() -> Iterator[PoolWarnings]:
+    with pool_warnings() as handler:
         yield handler
-    finally:
-        logger.removeHandler(handler)
 
 
 async def test_waiters_are_served_in_arrival_order(anyio_backend: Any) -> None:
@@ -236,7 +220,7 @@ async def test_lifetimes_are_spread_by_the_jitter(anyio_backend: Any) -> None:
 
 
 async def test_a_leak_is_reported_at_the_first_tick_past_the_threshold(
-    anyio_backend: Any, warnings_logged: Warnings
+    anyio_backend: Any, warnings_logged: PoolWarnings
 ) -> None:
     factory = FakeFactory()
     async with fake_pool(factory, min_size=1, max_size=1, leak_threshold=5.0) as pool:

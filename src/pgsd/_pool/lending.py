@@ -17,6 +17,7 @@ import psycopg
 from .._backend import current_backend
 from .._errors import PoolClosed, PoolTimeout, TooManyWaiters
 from .entry import PING_TIMEOUT, Entry
+from .room import release_room
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
@@ -90,8 +91,7 @@ async def _wait_for_entry(
     except BaseException:
         handed = waiters.abandon(waiter)
         if handed is not None and handed in pool._pipelined:
-            handed.pipeline.reserved -= 1
-            grant_room(pool, handed)
+            release_room(pool, handed)  # room on a pipeline it will not use
         elif handed is not None:
             pool._put_back(handed)  # never strand what it was handed
         raise
@@ -102,16 +102,6 @@ async def _wait_for_entry(
         pool._counters.timeouts += 1
         raise timeout_error(pool, limit, "for a connection") from pool.last_error
     raise waiter.error
-
-
-def grant_room(pool: ConnectionPool, entry: Entry) -> None:
-    """Give the room on *entry*'s pipeline to queued statements, first come first served."""
-    pipeline = entry.pipeline
-    room = pool.pool_config.pipeline_depth - len(pipeline.in_flight) - pipeline.reserved
-    for _ in range(room):
-        if not pool._waiters.grant_slot(entry):
-            return
-        pipeline.reserved += 1
 
 
 def timeout_error(pool: ConnectionPool, limit: float, what: str) -> PoolTimeout:

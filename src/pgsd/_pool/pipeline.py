@@ -16,7 +16,7 @@ accepted here (the extended protocol runs one statement per Parse).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Final
 
 import psycopg
@@ -154,14 +154,13 @@ class Pipeline:
         """Whether the reading task runs."""
         return self._running
 
-    def submit(
-        self, statement: Statement, spawn: Callable[[Callable[[], Awaitable[None]]], None]
-    ) -> None:
-        """Send *statement*; start the reading task (with *spawn*) unless it runs."""
+    def submit(self, statement: Statement) -> bool:
+        """Send *statement*; True when no task reads the results yet: start `run` then."""
         self.send(statement)
-        if not self._running:
-            self._running = True
-            spawn(self.run)
+        if self._running:
+            return False
+        self._running = True
+        return True
 
     async def run(self) -> None:
         """Read results until nothing is in flight; a lost connection fails what was sent."""
@@ -237,8 +236,10 @@ class Pipeline:
             statement.done = True
             statement.waker.set()
 
-    def rows(self, statement: Statement, row_factory: RowFactory[Any] | None) -> list[Any]:
-        """The rows of a finished statement, loaded by psycopg's loaders."""
+    def rows(
+        self, statement: Statement, row_factory: RowFactory[Any] | None, limit: int | None = None
+    ) -> list[Any]:
+        """The rows (the first *limit* of them) of a finished statement, by psycopg's loaders."""
         result = statement.result
         if result is None or result.status != _TUPLES_OK:
             return []
@@ -247,7 +248,8 @@ class Pipeline:
         make_row: Any = (
             tuple if row_factory is None else row_factory(_ResultCursor(self.conn, result))  # type: ignore[arg-type]
         )
-        return tx.load_rows(0, result.ntuples, make_row)
+        count = result.ntuples if limit is None else min(limit, result.ntuples)
+        return tx.load_rows(0, count, make_row)
 
 
 def rowcount(statement: Statement) -> int:

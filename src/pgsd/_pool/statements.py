@@ -29,8 +29,9 @@ from psycopg.rows import RowFactory, tuple_row
 from .._backend import current_backend
 from .._errors import PoolClosed
 from .entry import Entry
-from .lending import acquire, grant_room
+from .lending import acquire
 from .pipeline import Pipeline, Statement, rowcount
+from .room import give_back_if_idle, grant_room, release_room, start
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
@@ -57,18 +58,22 @@ class OneShot:
         """
         pool: ConnectionPool = self  # type: ignore[assignment]
         statement, entry = await _run(pool, query, params)
-        return _rows(pool, entry, statement, row_factory)
+        return _rows(entry, statement, row_factory, None)
 
     async def fetchone(
         self, query: Any, params: Any = None, *, row_factory: RowFactory[Any] | None = None
     ) -> Any:
         """As `fetchall`; the first row, or None."""
-        rows = await self.fetchall(query, params, row_factory=row_factory)
+        pool: ConnectionPool = self  # type: ignore[assignment]
+        statement, entry = await _run(pool, query, params)
+        rows = _rows(entry, statement, row_factory, 1)
         return rows[0] if rows else None
 
     async def fetchval(self, query: Any, params: Any = None) -> Any:
         """As `fetchall`; the first column of the first row, or None."""
-        rows = await self.fetchall(query, params)
+        pool: ConnectionPool = self  # type: ignore[assignment]
+        statement, entry = await _run(pool, query, params)
+        rows = _rows(entry, statement, None, 1)
         return rows[0][0] if rows and rows[0] else None
 
     async def execute(self, query: Any, params: Any = None) -> int:
@@ -79,10 +84,11 @@ class OneShot:
 
 
 def _rows(
-    pool: ConnectionPool, entry: Entry, statement: Statement, row_factory: RowFactory[Any] | None
+    entry: Entry, statement: Statement, row_factory: RowFactory[Any] | None, limit: int | None
 ) -> list[Any]:
-    factory = row_factory if row_factory is not None else entry.conn.row_factory
-    return entry.pipeline.rows(statement, None if factory is tuple_row else factory)  # type: ignore[no-any-return]
+    factory: Any = row_factory if row_factory is not None else entry.conn.row_factory
+    pipeline: Pipeline = entry.pipeline
+    return pipeline.rows(statement, None if factory is tuple_row else factory, limit)
 
 
 async def _run(pool: ConnectionPool, query: Any, params: Any) -> tuple[Statement, Entry]:
@@ -91,23 +97,26 @@ async def _run(pool: ConnectionPool, query: Any, params: Any) -> tuple[Statement
         # Queue FIFO with borrowers: for room on a pipeline, or a whole connection.
         entry = await acquire(pool, None, wants_slot=True)
         if entry not in pool._pipelined:
-            _start(pool, entry)
-            entry.pipeline.reserved += 1  # ours, then the room left to those queued behind
+            start(pool, entry).reserved += 1  # ours; the room left goes to those queued
             grant_room(pool, entry)
     else:
         entry.pipeline.reserved += 1
     pipeline: Pipeline = entry.pipeline
     try:
         statement = pipeline.prepare(query, params, current_backend().waker())
-        pipeline.reserved -= 1
-        pipeline.submit(statement, lambda run: pool._spawn(lambda: _drive(pool, entry, run)))
-        depth = len(pipeline.in_flight)
-        if depth > pool._counters.depth_max:
-            pool._counters.depth_max = depth
     except BaseException:
-        if statement_not_sent(pipeline):
-            _give_back(pool, entry)
+        release_room(pool, entry)
         raise
+    pipeline.reserved -= 1
+    try:
+        if pipeline.submit(statement):
+            pool._spawn(lambda: _drive(pool, entry))
+    except BaseException:
+        give_back_if_idle(pool, entry)  # the connection was lost while sending
+        raise
+    depth = len(pipeline.in_flight)
+    if depth > pool._counters.depth_max:
+        pool._counters.depth_max = depth
     try:
         await statement.waker.wait()
     except BaseException:
@@ -121,13 +130,6 @@ async def _run(pool: ConnectionPool, query: Any, params: Any) -> tuple[Statement
     return statement, entry
 
 
-def statement_not_sent(pipeline: Pipeline) -> bool:
-    """After a failed prepare or send: whether the pipeline is left with no reader."""
-    if pipeline.reserved > 0 and pipeline.broken is None:
-        pipeline.reserved -= 1
-    return not pipeline.running and not pipeline.reserved
-
-
 def _with_room(pool: ConnectionPool) -> Entry | None:
     """An idle connection, else the least loaded pipeline with room; none while others queue."""
     if pool._closed:
@@ -136,7 +138,7 @@ def _with_room(pool: ConnectionPool) -> Entry | None:
         return None  # FIFO: queue behind them
     if pool._idle:
         entry = pool._idle.pop()
-        _start(pool, entry)
+        start(pool, entry)
         return entry
     best: Entry | None = None
     best_load = room = pool.pool_config.pipeline_depth
@@ -175,40 +177,8 @@ async def _cancel_head(pool: ConnectionPool, entry: Entry, statement: Statement)
         conn.abort()  # the pipeline's reader fails what is in flight (OutcomeUnknown)
 
 
-def _answered(pool: ConnectionPool, entry: Entry) -> None:
-    """A statement was answered: count it, and give its room to the first in the queue."""
-    pool._counters.statements += 1
-    if pool._waiters.count:
-        grant_room(pool, entry)
-
-
-def _start(pool: ConnectionPool, entry: Entry) -> None:
-    """Put an idle connection in pipeline mode for one-shot statements."""
-    pipeline = entry.pipeline
-    if pipeline is None:
-        pipeline = entry.pipeline = Pipeline(entry.conn)
-        pipeline.on_room = lambda: _answered(pool, entry)
-    pipeline.start()
-    pool._pipelined.add(entry)
-
-
-async def _drive(pool: ConnectionPool, entry: Entry, run: Any) -> None:
+async def _drive(pool: ConnectionPool, entry: Entry) -> None:
     """Read the pipeline's results; when it empties, give the connection back."""
-    await run()
     pipeline: Pipeline = entry.pipeline
-    if not pipeline.in_flight and not pipeline.reserved:
-        _give_back(pool, entry)
-
-
-def _give_back(pool: ConnectionPool, entry: Entry) -> None:
-    """A pipeline with nothing in flight: leave pipeline mode, back to the pool (or evict)."""
-    pipeline: Pipeline = entry.pipeline
-    pool._pipelined.discard(entry)
-    if pipeline.broken is not None or entry.conn.closed:
-        pool._counters.lost += 1
-        entry.pipeline = None
-        pool._discard(entry)
-        return
-    pipeline.finish()
-    entry.last_used = pool._now()
-    pool._put_back(entry)
+    await pipeline.run()
+    give_back_if_idle(pool, entry)
