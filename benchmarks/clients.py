@@ -26,10 +26,26 @@ if TYPE_CHECKING:
 
     import pgsd
 
-__all__ = ["CLIENTS", "OPEN_TIMEOUT", "PEERS", "BenchPool", "Client", "client_named"]
+__all__ = [
+    "CLIENTS",
+    "OPEN_TIMEOUT",
+    "PEERS",
+    "POINT_ROWS",
+    "POINT_TABLE",
+    "BenchPool",
+    "Client",
+    "client_named",
+]
 
 #: How long opening a pool may take until all its connections are up.
 OPEN_TIMEOUT = 30.0
+#: The point reads' table, and its rows' ids (1 to POINT_ROWS).
+POINT_TABLE = "bench_point"
+POINT_ROWS = 10_000
+#: A point read by primary key, in each driver's placeholder style.
+_POINT = f"SELECT id, name, team, created FROM {POINT_TABLE} WHERE id = "
+_POINT_PSYCOPG = _POINT + "%s"
+_POINT_ASYNCPG = _POINT + "$1"
 
 
 class BenchPool(abc.ABC):
@@ -56,6 +72,18 @@ class BenchPool(abc.ABC):
     @abc.abstractmethod
     async def select_one(self) -> None:
         """Borrow a connection, run ``SELECT 1``, read the row, give it back."""
+
+    @abc.abstractmethod
+    async def point_read(self, key: int) -> None:
+        """Borrow a connection, read the row whose id is ``key``, give it back."""
+
+    async def one_shot_select_one(self) -> None:
+        """``SELECT 1`` the library's fastest way for one statement (default: borrowing)."""
+        await self.select_one()
+
+    async def one_shot_point_read(self, key: int) -> None:
+        """The point read the library's fastest way for one statement (default: borrowing)."""
+        await self.point_read(key)
 
     @abc.abstractmethod
     def size(self) -> int:
@@ -89,6 +117,11 @@ class _PsycopgStylePool(BenchPool):
             cur = await conn.execute("SELECT 1")
             await cur.fetchone()
 
+    async def point_read(self, key: int) -> None:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(_POINT_PSYCOPG, (key,))
+            await cur.fetchone()
+
     @asynccontextmanager
     async def borrow(self) -> AsyncIterator[int]:
         async with self._pool.connection() as conn:
@@ -118,6 +151,12 @@ class PgsdPool(_PsycopgStylePool):
             # Not the acquire timeout, which may be short: psycopg_pool's wait().
             await pool.wait_ready(timeout=OPEN_TIMEOUT)
             yield cls(pool)
+
+    async def one_shot_select_one(self) -> None:
+        await self._pool.fetchval("SELECT 1")
+
+    async def one_shot_point_read(self, key: int) -> None:
+        await self._pool.fetchone(_POINT_PSYCOPG, (key,))
 
     def size(self) -> int:
         return self._pool.stats().size
@@ -186,6 +225,18 @@ class AsyncpgPool(BenchPool):
     async def select_one(self) -> None:
         async with self._pool.acquire(timeout=self._timeout) as conn:
             await conn.fetchval("SELECT 1")
+
+    async def point_read(self, key: int) -> None:
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            await conn.fetchrow(_POINT_ASYNCPG, key)
+
+    async def one_shot_select_one(self) -> None:
+        # asyncpg's own one-statement API: acquire, run, release in one call
+        # (its timeout bounds the query, not the acquire, which waits forever).
+        await self._pool.fetchval("SELECT 1")
+
+    async def one_shot_point_read(self, key: int) -> None:
+        await self._pool.fetchrow(_POINT_ASYNCPG, key)
 
     def size(self) -> int:
         size: int = self._pool.get_size()

@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
 
+import psycopg
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from clients import CLIENTS, PEERS, Client
+from clients import CLIENTS, PEERS, POINT_ROWS, POINT_TABLE, Client
 from gate import Check, evaluate
 from harness import FULL, POOL_SIZE, SHORT, Bench, Portals, Recorder, Sizes, pg_url
 from pgsd.testing import PostgresServer
@@ -33,6 +34,7 @@ _GATE = pytest.StashKey[list[Check]]()
 _MODULE_ORDER = (
     "test_measures.py",
     "test_pool.py",
+    "test_one_shot.py",
     "test_pgbench.py",
     "test_exhaustion.py",
     "test_connect_storm.py",
@@ -154,6 +156,25 @@ def pg_server() -> Iterator[PostgresServer]:
 @pytest.fixture(scope="session")
 def server_url(pg_server: PostgresServer) -> str:
     return pg_url(pg_server)
+
+
+@pytest.fixture(scope="session")
+def point_rows(server_url: str) -> int:
+    """The point reads' table, created once: ``POINT_ROWS`` rows with ids from 1."""
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {POINT_TABLE}")
+        conn.execute(
+            f"CREATE TABLE {POINT_TABLE} (id int PRIMARY KEY, name text NOT NULL,"
+            " team int NOT NULL, created timestamptz NOT NULL)"
+        )
+        conn.execute(
+            f"INSERT INTO {POINT_TABLE} SELECT i, 'user ' || i, i %% 50,"
+            " '2026-01-01'::timestamptz + i * interval '1 minute'"
+            " FROM generate_series(1, %s) AS i",
+            (POINT_ROWS,),
+        )
+        conn.execute(f"VACUUM ANALYZE {POINT_TABLE}")
+    return POINT_ROWS
 
 
 @pytest.fixture(scope="session")

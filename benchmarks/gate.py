@@ -20,6 +20,8 @@ from report import Result
 
 __all__ = [
     "ACQUIRE_MIN_SPEEDUP",
+    "MANY_TASKS_MIN_SHARE",
+    "ONE_SHOT_MIN_SPEEDUP",
     "SELECT_100_MIN_SPEEDUP",
     "Check",
     "evaluate",
@@ -30,8 +32,15 @@ SELECT_100_MIN_SPEEDUP = 1.3
 #: psycopg_pool's uncontended acquire+release time over pgsd's, at least
 #: (1.0: pgsd is no slower).
 ACQUIRE_MIN_SPEEDUP = 1.0
+#: pgsd's one-shot statements at 100 tasks over each peer's fastest way to
+#: run one statement, at least.
+ONE_SHOT_MIN_SPEEDUP = {"psycopg_pool": 2.0, "asyncpg": 1.7}
+#: pgsd's one-shot SELECT 1 at 1000 tasks as a share of its own at 100, at least.
+MANY_TASKS_MIN_SHARE = 0.5
 
 SELECT_100 = "SELECT 1, 100 tasks"
+ONE_SHOT_100 = ("one-shot SELECT 1, 100 tasks", "one-shot point read, 100 tasks")
+ONE_SHOT_1000 = "one-shot SELECT 1, 1000 tasks"
 ACQUIRE = "acquire+release, 1 task"
 OUT_OF_ORDER = "exhaustion: grants out of FIFO order"
 TIMEOUTS = "exhaustion: timeouts"
@@ -51,9 +60,11 @@ def _find(results: Sequence[Result], scenario: str, client: str) -> Result | Non
     return next((r for r in results if r.scenario == scenario and r.client == client), None)
 
 
-def _speedup(results: Sequence[Result], scenario: str, client: str, minimum: float) -> Check:
-    name = f"{scenario}: {client} vs {PEER} >= {minimum:g}x"
-    mine, theirs = _find(results, scenario, client), _find(results, scenario, PEER)
+def _speedup(
+    results: Sequence[Result], scenario: str, client: str, minimum: float, peer: str = PEER
+) -> Check:
+    name = f"{scenario}: {client} vs {peer} >= {minimum:g}x"
+    mine, theirs = _find(results, scenario, client), _find(results, scenario, peer)
     if mine is None or theirs is None:
         return Check(name, False, "not measured in this run")
     ratio = mine.speedup_over(theirs, best=True)
@@ -65,6 +76,19 @@ def _speedup(results: Sequence[Result], scenario: str, client: str, minimum: flo
         f" {mine.formatted()} vs {theirs.formatted()})"
     )
     return Check(name, ratio >= minimum, detail)
+
+
+def _holds_up(results: Sequence[Result], client: str) -> Check:
+    """More tasks do not collapse pgsd's one-shot throughput (its own two figures)."""
+    name = f"{ONE_SHOT_1000} vs 100 tasks: {client} >= {MANY_TASKS_MIN_SHARE:g}x"
+    many, few = _find(results, ONE_SHOT_1000, client), _find(results, ONE_SHOT_100[0], client)
+    if many is None or few is None:
+        return Check(name, False, "not measured in this run")
+    share = many.speedup_over(few, best=True)
+    if share is None:
+        return Check(name, False, f"no ratio ({many.formatted()} vs {few.formatted()})")
+    detail = f"{share:.2f}x in the fastest rounds ({many.formatted()} vs {few.formatted()})"
+    return Check(name, share >= MANY_TASKS_MIN_SHARE, detail)
 
 
 def _zero(results: Sequence[Result], scenario: str, client: str) -> Check:
@@ -86,6 +110,12 @@ def evaluate(results: Sequence[Result], pgsd_clients: Sequence[str]) -> list[Che
         checks += [
             _speedup(results, SELECT_100, client, SELECT_100_MIN_SPEEDUP),
             _speedup(results, ACQUIRE, client, ACQUIRE_MIN_SPEEDUP),
+            *(
+                _speedup(results, scenario, client, minimum, peer)
+                for scenario in ONE_SHOT_100
+                for peer, minimum in ONE_SHOT_MIN_SPEEDUP.items()
+            ),
+            _holds_up(results, client),
             _zero(results, OUT_OF_ORDER, client),
             _zero(results, TIMEOUTS, client),
         ]

@@ -43,7 +43,15 @@ def test_percentile_is_nearest_rank() -> None:
         percentile([], 50)
 
 
-def _run(select_pgsd: float, acquire_pgsd: float, late: float, timeouts: float) -> list[Result]:
+def _run(
+    select_pgsd: float,
+    acquire_pgsd: float,
+    late: float,
+    timeouts: float,
+    one_shot: float = 3000.0,
+    many: float = 2500.0,
+) -> list[Result]:
+    """A made-up run: pgsd's figures given, the peers' fixed (1000 ops/s, 10 µs, 0)."""
     results = []
     for client in ("pgsd-asyncio", "psycopg_pool"):
         mine = client != "psycopg_pool"
@@ -59,12 +67,19 @@ def _run(select_pgsd: float, acquire_pgsd: float, late: float, timeouts: float) 
             ),
             Result("exhaustion: timeouts", client, timeouts if mine else 0.0, "", None),
         ]
+    for scenario in ("one-shot SELECT 1, 100 tasks", "one-shot point read, 100 tasks"):
+        results += [
+            Result(scenario, "pgsd-asyncio", one_shot, "ops/s", "higher"),
+            Result(scenario, "psycopg_pool", 1000.0, "ops/s", "higher"),
+            Result(scenario, "asyncpg", 1000.0, "ops/s", "higher"),
+        ]
+    results.append(Result("one-shot SELECT 1, 1000 tasks", "pgsd-asyncio", many, "ops/s", "higher"))
     return results
 
 
 def test_gate_passes_a_run_within_thresholds() -> None:
     checks = evaluate(_run(2000.0, 3.0, 0.0, 0), ["pgsd-asyncio"])
-    assert [check.passed for check in checks] == [True] * 4
+    assert [check.passed for check in checks] == [True] * 9
 
 
 @pytest.mark.parametrize(
@@ -74,6 +89,7 @@ def test_gate_passes_a_run_within_thresholds() -> None:
         (_run(2000.0, 11.0, 0.0, 0), "acquire+release, 1 task"),
         (_run(2000.0, 3.0, 0.5, 0), "exhaustion: grants out of FIFO order"),
         (_run(2000.0, 3.0, 0.0, 1), "exhaustion: timeouts"),
+        (_run(2000.0, 3.0, 0.0, 0, many=1400.0), "one-shot SELECT 1, 1000 tasks vs 100"),
     ],
 )
 def test_gate_fails_each_check(run: list[Result], failing: str) -> None:
@@ -82,10 +98,24 @@ def test_gate_fails_each_check(run: list[Result], failing: str) -> None:
     assert failed[0].startswith(failing)
 
 
+def test_gate_sets_one_shot_statements_against_each_peer() -> None:
+    # 1,800/s is 1.8x both peers: below the threshold against psycopg_pool
+    # (2x), above the one against asyncpg (1.7x).
+    failed = [
+        check.name
+        for check in evaluate(_run(2000.0, 3.0, 0.0, 0, 1800.0, 1500.0), ["pgsd-asyncio"])
+        if not check.passed
+    ]
+    assert failed == [
+        "one-shot SELECT 1, 100 tasks: pgsd-asyncio vs psycopg_pool >= 2x",
+        "one-shot point read, 100 tasks: pgsd-asyncio vs psycopg_pool >= 2x",
+    ]
+
+
 def test_gate_fails_when_a_figure_is_missing() -> None:
     checks = evaluate(_run(2000.0, 3.0, 0.0, 0), ["pgsd-asyncio", "pgsd-trio"])
     failed = [check for check in checks if not check.passed]
-    assert len(failed) == 4
+    assert len(failed) == 9
     assert all("pgsd-trio" in check.name and "not measured" in check.detail for check in failed)
 
 

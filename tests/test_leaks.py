@@ -202,8 +202,10 @@ def test_left_over_lists_only_connections_opened_after_the_snapshot(
 
 WARM_UP = 2_000
 CYCLES = 20_000
-#: The cycles after the warm-up must end within this many seconds.
-SECONDS = 40.0
+#: The cycles after the warm-up must end within this many seconds: a bound
+#: that stops the loop, not a speed target. They take about 20 s here on
+#: trio, and close to 40 s under coverage on a loaded machine.
+SECONDS = 90.0
 MAX_GROWTH = 64 * 1024
 MAX_SIZE = 3
 #: One cycle in each PERIOD is each of these; the rest are plain borrows.

@@ -47,6 +47,31 @@ async def test_hundreds_of_callers_each_get_their_own_result(pg_server: Postgres
     assert most <= 3
 
 
+async def test_a_queued_statement_that_cannot_be_converted_fails_alone(
+    pg_server: PostgresServer,
+) -> None:
+    # Queued statements are converted when the pool sends them for their
+    # callers, as room frees: an error there still reaches only its caller.
+    results: dict[int, Any] = {}
+    async with await pgsd.connect(pg_server.dsn()) as conn:
+        with pytest.raises(psycopg.Error) as lent:
+            await conn.execute("SELECT %s::int", [object()])
+    async with open_pool(db_config(pg_server), max_size=1, pipeline_depth=1) as pool:
+
+        async def one(n: int) -> None:
+            try:
+                results[n] = await pool.fetchval("SELECT %s::int", [object() if n == 7 else n])
+            except psycopg.Error as error:
+                results[n] = error
+
+        async with anyio.create_task_group() as tg:
+            for n in range(20):
+                tg.start_soon(one, n)
+        assert pool.stats().statements == 19
+    assert type(results.pop(7)) is type(lent.value)
+    assert results == {n: n for n in range(20) if n != 7}
+
+
 async def test_the_four_forms_and_row_factories(pg_server: PostgresServer) -> None:
     async with open_pool(db_config(pg_server), max_size=2) as pool:
         assert await pool.fetchall("SELECT generate_series(1, 3)") == [(1,), (2,), (3,)]

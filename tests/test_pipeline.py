@@ -18,12 +18,14 @@ import anyio.abc
 import psycopg
 import psycopg.errors
 import pytest
+from psycopg import pq
 from psycopg.rows import dict_row
 
 import pgsd
 from pgsd._backend import current_backend
 from pgsd._errors import OutcomeUnknown
-from pgsd._pool.pipeline import Pipeline, rowcount
+from pgsd._pool import pipeline as pipeline_module
+from pgsd._pool.pipeline import Pipeline, Statement, rowcount
 from pgsd.testing import PostgresServer
 from support import CancelWhenRunning
 
@@ -42,8 +44,9 @@ class Caller:
 
     async def run(self, query: str, params: Any = None) -> Any:
         pipeline = self.pipeline
-        statement = pipeline.prepare(query, params, current_backend().waker())
-        if pipeline.submit(statement):
+        statement = Statement(query, params, current_backend().waker())
+        pipeline.send(statement)
+        if pipeline.claim_reader():
             self._spawn(pipeline.run)
         self.sent += 1
         try:
@@ -87,6 +90,30 @@ async def test_concurrent_callers_each_get_their_own_result(caller: Caller) -> N
             tg.start_soon(one, n)
     assert results == {n: [(n * 2, f"n{n}")] for n in range(300)}
     assert not caller.pipeline.in_flight
+
+
+async def test_each_sync_may_flush_where_libpq_cannot_queue_one(
+    caller: Caller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without PQsendPipelineSync (libpq before 17), every Sync writes at once.
+    monkeypatch.setattr(pipeline_module, "_send_sync", None)
+    results: dict[int, Any] = {}
+
+    async def one(n: int) -> None:
+        results[n] = await caller.rows("SELECT %s::int", [n])
+
+    async with anyio.create_task_group() as tg:
+        for n in range(50):
+            tg.start_soon(one, n)
+    assert results == {n: [(n,)] for n in range(50)}
+
+
+def test_the_queued_sync_is_found_in_psycopgs_own_libpq() -> None:
+    # psycopg's binary package bundles libpq 17 or later: the Sync that does not
+    # write at once must be found there, or every statement costs a write.
+    assert pq.__impl__ == "binary"
+    assert pq.version() >= 170000
+    assert pipeline_module._send_sync is not None
 
 
 async def test_rows_decode_as_through_a_lent_connection(

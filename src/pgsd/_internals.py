@@ -41,6 +41,8 @@ PSYCOPG_INTERNALS: Final = (
     "psycopg._copy_async.AQueue",
     # The pool's pipelined one-shot statements (pgsd._pool.pipeline).
     "psycopg._queries.PostgresQuery",
+    # Handed to libpq's PQsendPipelineSync, which psycopg does not wrap.
+    "psycopg.pq.PGconn.pgconn_ptr",
 )
 #: Attributes psycopg sets on each connection that `Connection` reads or replaces.
 PSYCOPG_CONNECTION_ATTRIBUTES: Final = ("lock", "_autocommit", "_adapters", "_closed", "_pipeline")

@@ -10,16 +10,15 @@ from the server (HikariCP's rule) and replaces a dead one unseen, and, with
 from __future__ import annotations
 
 import traceback
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, overload
 
 import psycopg
 
-from .._backend import current_backend
 from .._errors import PoolClosed, PoolTimeout, TooManyWaiters
 from .entry import PING_TIMEOUT, Entry
-from .room import release_room
 
 if TYPE_CHECKING:
+    from .pipeline import Statement
     from .pool import ConnectionPool
 
 __all__ = ["acquire", "take_back_interrupted", "timeout_error", "worth_checking"]
@@ -28,11 +27,20 @@ __all__ = ["acquire", "take_back_interrupted", "timeout_error", "worth_checking"
 _INPUT_CHECK_AFTER: Final = 0.001
 
 
-async def acquire(pool: ConnectionPool, limit: float | None, *, wants_slot: bool = False) -> Entry:
+@overload
+async def acquire(pool: ConnectionPool, limit: float | None) -> Entry: ...
+@overload
+async def acquire(
+    pool: ConnectionPool, limit: float | None, statement: Statement
+) -> Entry | None: ...
+async def acquire(
+    pool: ConnectionPool, limit: float | None, statement: Statement | None = None
+) -> Entry | None:
     """A connection for a borrower, within *limit* seconds (default ``acquire_timeout``).
 
-    With *wants_slot* (a one-shot statement), room on a pipelined
-    connection will do too: the entry returned may be pipelined.
+    With *statement* (a one-shot statement's caller), room on a pipelined
+    connection will do too: the pool sends the statement there as soon as
+    there is room, and None comes back once it has ended (`Statement.done`).
     """
     if pool._closed:
         raise PoolClosed(f"pool {pool.name!r} is closed")
@@ -47,9 +55,9 @@ async def acquire(pool: ConnectionPool, limit: float | None, *, wants_slot: bool
             entry = pool._idle.pop()  # the most recently used: idle ones expire
         if entry is None:
             waited = True
-            entry = await _wait_for_entry(pool, deadline, limit, wants_slot)
-            if entry in pool._pipelined:
-                return entry  # room on a pipeline: nothing to check, no loan to track
+            entry = await _wait_for_entry(pool, deadline, limit, statement)
+            if entry is None:
+                return None  # sent on a pipeline, and ended: nothing to check, no loan
         if worth_checking(entry, start, pool._ping_after_idle) and not await _check(
             pool, entry, deadline
         ):
@@ -67,8 +75,8 @@ async def acquire(pool: ConnectionPool, limit: float | None, *, wants_slot: bool
 
 
 async def _wait_for_entry(
-    pool: ConnectionPool, deadline: float, limit: float, wants_slot: bool
-) -> Entry:
+    pool: ConnectionPool, deadline: float, limit: float, statement: Statement | None
+) -> Entry | None:
     waiters = pool._waiters
     error = pool._availability.fail_fast_error(connections=len(pool._entries))
     if error is not None:
@@ -81,23 +89,24 @@ async def _wait_for_entry(
         )
     waiter = waiters.add(
         deadline,
-        current_backend().waker(),
+        pool._new_waker() if statement is None else statement.waker,
         default_timeout=limit == pool._acquire_timeout,
-        wants_slot=wants_slot,
+        statement=statement,
     )
     pool._filler.grow()
     try:
         await waiter.waker.wait()
     except BaseException:
         handed = waiters.abandon(waiter)
-        if handed is not None and handed in pool._pipelined:
-            release_room(pool, handed)  # room on a pipeline it will not use
-        elif handed is not None:
+        if handed is not None:
             pool._put_back(handed)  # never strand what it was handed
         raise
     if waiter.entry is not None:
+        if statement is not None:
+            statement.waker = pool._new_waker()  # the first one woke us with the entry
         return waiter.entry
-    assert waiter.error is not None
+    if waiter.error is None:
+        return None  # its statement was sent on a pipeline, and ended
     if isinstance(waiter.error, PoolTimeout):
         pool._counters.timeouts += 1
         raise timeout_error(pool, limit, "for a connection") from pool.last_error

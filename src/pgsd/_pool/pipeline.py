@@ -15,8 +15,10 @@ accepted here (the extended protocol runs one statement per Parse).
 
 from __future__ import annotations
 
+import ctypes
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final
 
 import psycopg
@@ -39,12 +41,54 @@ _PIPELINE_SYNC: Final = pq.ExecStatus.PIPELINE_SYNC
 _EMPTY_QUERY: Final = pq.ExecStatus.EMPTY_QUERY
 
 
+def _find_send_sync() -> Callable[[int], int] | None:
+    """libpq's ``PQsendPipelineSync`` (libpq 17 and later), which psycopg does not wrap.
+
+    ``PQpipelineSync`` writes to the socket at every Sync; its sibling only
+    queues the Sync, so that statements sent together leave in one write.
+    Found in the libpq psycopg itself loaded (its bundled copy in the
+    binary package, or the one its ctypes implementation opened); None
+    when it cannot be found, and every Sync then flushes.
+    """
+    if pq.version() < 170000:
+        return None
+    library: Any = None
+    try:
+        if pq.__impl__ == "python":
+            from psycopg.pq import _pq_ctypes
+
+            library = getattr(_pq_ctypes, "pq", None)
+        elif pq.__impl__ == "binary":
+            import psycopg_binary
+
+            bundled = Path(psycopg_binary.__file__).parent.with_name("psycopg_binary.libs")
+            found = sorted(bundled.glob("libpq-*.so*"))
+            if len(found) == 1:
+                library = ctypes.CDLL(str(found[0]))
+        function = getattr(library, "PQsendPipelineSync", None)
+    except (ImportError, OSError):
+        return None
+    if function is None:
+        return None
+    function.argtypes = [ctypes.c_void_p]
+    function.restype = ctypes.c_int
+    result: Callable[[int], int] = function
+    return result
+
+
+#: None when every Sync must go through psycopg (and flush).
+_send_sync = _find_send_sync()
+
+
 class Statement:
-    """One statement of one caller: its wire form, and what came back.
+    """One statement of one caller: what to send, and what came back.
 
     Attributes:
+        wire: the statement converted for the wire, once sent.
+        pipeline: the pipeline it was sent on, once sent.
         result: the statement's result, once it ended without an error.
-        error: the psycopg error it raised, or `OutcomeUnknown`.
+        error: the error it raised (psycopg's, or `OutcomeUnknown`), or
+            the one that kept it from being sent.
         abandoned: the caller is gone; what comes back is dropped.
     """
 
@@ -52,26 +96,32 @@ class Statement:
         "abandoned",
         "done",
         "error",
-        "formats",
         "params",
+        "pipeline",
         "query",
         "resent",
         "result",
-        "types",
         "waker",
+        "wire",
     )
 
-    def __init__(self, pgq: PostgresQuery, waker: Waker) -> None:
-        self.query = pgq.query
-        self.params = pgq.params
-        self.types = pgq.types
-        self.formats = pgq.formats
+    def __init__(self, query: Any, params: Any, waker: Waker) -> None:
+        self.query = query
+        self.params = params
         self.waker = waker
+        self.wire: PostgresQuery | None = None
+        self.pipeline: Pipeline | None = None
         self.done = False
         self.abandoned = False
         self.resent = False
         self.result: pq.abc.PGresult | None = None
         self.error: BaseException | None = None
+
+    def fail(self, error: BaseException) -> None:
+        """End the statement with *error* and wake its caller."""
+        self.error = error
+        self.done = True
+        self.waker.set()
 
 
 class Pipeline:
@@ -94,7 +144,6 @@ class Pipeline:
         "conn",
         "in_flight",
         "on_room",
-        "reserved",
     )
 
     def __init__(self, conn: Connection[Any]) -> None:
@@ -107,19 +156,11 @@ class Pipeline:
         self._ended = False  # the head statement's results ended; its Sync is next
         self._results: list[pq.abc.PGresult] = []
         self._running = False
-        #: Room granted to queued statements that have not been sent yet.
-        self.reserved = 0
         #: Until then, a statement cancelled that its caller did not leave was
         #: hit by a cancel request meant for the one before it: it is sent again.
         self.cancel_until = 0.0
         #: Called when a statement ends: room for one more.
         self.on_room: Callable[[], None] | None = None
-
-    def prepare(self, query: Any, params: Any, waker: Waker) -> Statement:
-        """Convert *query* and adapt *params* as psycopg would (raises its errors)."""
-        pgq = PostgresQuery(self._tx)
-        pgq.convert(query, params)
-        return Statement(pgq, waker)
 
     def start(self) -> None:
         """Enter pipeline mode (the connection is idle and owned by the pool)."""
@@ -131,22 +172,43 @@ class Pipeline:
             self._pgconn.exit_pipeline_mode()
 
     def send(self, statement: Statement) -> None:
-        """Send *statement* and its Sync now; libpq buffers what the socket cannot take."""
-        pgconn = self._pgconn
+        """Convert *statement* as psycopg would and send it with its Sync.
+
+        The first statement on a quiet connection is flushed at once; one
+        sent behind others stays in libpq's buffer until the reader's next
+        turn (`run`), which flushes everything sent meanwhile in one write:
+        the server is busy with the earlier ones until then.
+
+        Raises:
+            psycopg.Error, TypeError: the query or its parameters cannot be
+                converted (nothing was sent).
+            OutcomeUnknown: the connection was lost while sending.
+        """
+        pgq = statement.wire
+        if pgq is None:
+            pgq = PostgresQuery(self._tx)
+            pgq.convert(statement.query, statement.params)
+            statement.wire = pgq
+        pgconn: Any = self._pgconn
         try:
             pgconn.send_query_params(
-                statement.query,
-                statement.params,
-                param_types=statement.types,
-                param_formats=statement.formats,
+                pgq.query, pgq.params, param_types=pgq.types, param_formats=pgq.formats
             )
-            pgconn.pipeline_sync()
-            self._unflushed = pgconn.flush() != 0
+            if _send_sync is None:
+                pgconn.pipeline_sync()  # flushes
+                self._unflushed = pgconn.flush() != 0
+            elif not pgconn.pgconn_ptr or _send_sync(pgconn.pgconn_ptr) != 1:
+                raise e.OperationalError(pgconn.get_error_message())
+            elif self.in_flight:
+                self._unflushed = True
+            else:
+                self._unflushed = pgconn.flush() != 0
         except e.OperationalError as ex:
             self._lost(ex)
             raise OutcomeUnknown(
                 f"the connection was lost while sending the statement: {ex}"
             ) from ex
+        statement.pipeline = self
         self.in_flight.append(statement)
 
     @property
@@ -154,20 +216,25 @@ class Pipeline:
         """Whether the reading task runs."""
         return self._running
 
-    def submit(self, statement: Statement) -> bool:
-        """Send *statement*; True when no task reads the results yet: start `run` then."""
-        self.send(statement)
-        if self._running:
+    def claim_reader(self) -> bool:
+        """True when no task reads the results yet: the caller starts `run` then."""
+        if self._running or not self.in_flight:
             return False
         self._running = True
         return True
 
-    async def run(self) -> None:
-        """Read results until nothing is in flight; a lost connection fails what was sent."""
+    async def run(self, until: Statement | None = None) -> None:
+        """Read results until nothing is in flight (or *until* has ended).
+
+        The caller must have claimed the reading (`claim_reader`). A lost
+        connection fails what was sent.
+        """
         pgconn = self._pgconn
         waiter = self.conn.socket_waiter()
         try:
             while self.in_flight and self.broken is None:
+                if until is not None and until.done:
+                    return
                 if self._unflushed:
                     self._unflushed = pgconn.flush() != 0
                 if self._unflushed:
@@ -228,13 +295,12 @@ class Pipeline:
         self.broken = error
         while self.in_flight:
             statement = self.in_flight.popleft()
-            if not statement.abandoned:
-                statement.error = OutcomeUnknown(
+            statement.fail(
+                OutcomeUnknown(
                     "the connection was lost with the statement in flight: it may or may"
                     f" not have run ({error})"
                 )
-            statement.done = True
-            statement.waker.set()
+            )
 
     def rows(
         self, statement: Statement, row_factory: RowFactory[Any] | None, limit: int | None = None

@@ -26,7 +26,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from .._backend import current_backend
+from .._backend import Waker, current_backend
 from .._config import DatabaseConfig, PoolConfig
 from .._connection import Connection, connect
 from .._errors import PoolClosed
@@ -137,6 +137,8 @@ class ConnectionPool(OneShot):
         self._owner: Any = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._now: Callable[[], float] = anyio.current_time
+        #: The event loop's waker factory, known once the pool is open.
+        self._new_waker: Callable[[], Waker] = _no_waker
         self._changed: anyio.Event | None = None
         self._counters = PoolCounters()
         self._availability = Availability(
@@ -186,6 +188,7 @@ class ConnectionPool(OneShot):
         self._opened_once = True
         backend = current_backend()
         self._now = backend.time
+        self._new_waker = backend.waker
         self._owner = anyio.get_current_task().id
         self._closed = False
         tg = anyio.create_task_group()
@@ -393,3 +396,7 @@ class ConnectionPool(OneShot):
 
 def _log_closed_under_borrower(name: str) -> None:
     logger.warning("pool %r closed while a connection was still borrowed: closing it", name)
+
+
+def _no_waker() -> Waker:
+    raise RuntimeError("the pool is not open")

@@ -26,12 +26,11 @@ import anyio
 import psycopg
 from psycopg.rows import RowFactory, tuple_row
 
-from .._backend import current_backend
 from .._errors import PoolClosed
 from .entry import Entry
 from .lending import acquire
 from .pipeline import Pipeline, Statement, rowcount
-from .room import give_back_if_idle, grant_room, release_room, start
+from .room import grant_room, read_until, send, start
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
@@ -57,23 +56,23 @@ class OneShot:
             PoolTimeout, TooManyWaiters, PoolClosed: as `connection()`.
         """
         pool: ConnectionPool = self  # type: ignore[assignment]
-        statement, entry = await _run(pool, query, params)
-        return _rows(entry, statement, row_factory, None)
+        statement, pipeline = await _run(pool, query, params)
+        return _rows(pipeline, statement, row_factory, None)
 
     async def fetchone(
         self, query: Any, params: Any = None, *, row_factory: RowFactory[Any] | None = None
     ) -> Any:
         """As `fetchall`; the first row, or None."""
         pool: ConnectionPool = self  # type: ignore[assignment]
-        statement, entry = await _run(pool, query, params)
-        rows = _rows(entry, statement, row_factory, 1)
+        statement, pipeline = await _run(pool, query, params)
+        rows = _rows(pipeline, statement, row_factory, 1)
         return rows[0] if rows else None
 
     async def fetchval(self, query: Any, params: Any = None) -> Any:
         """As `fetchall`; the first column of the first row, or None."""
         pool: ConnectionPool = self  # type: ignore[assignment]
-        statement, entry = await _run(pool, query, params)
-        rows = _rows(entry, statement, None, 1)
+        statement, pipeline = await _run(pool, query, params)
+        rows = _rows(pipeline, statement, None, 1)
         return rows[0][0] if rows and rows[0] else None
 
     async def execute(self, query: Any, params: Any = None) -> int:
@@ -84,50 +83,55 @@ class OneShot:
 
 
 def _rows(
-    entry: Entry, statement: Statement, row_factory: RowFactory[Any] | None, limit: int | None
+    pipeline: Pipeline, statement: Statement, row_factory: RowFactory[Any] | None, limit: int | None
 ) -> list[Any]:
-    factory: Any = row_factory if row_factory is not None else entry.conn.row_factory
-    pipeline: Pipeline = entry.pipeline
+    factory: Any = row_factory if row_factory is not None else pipeline.conn.row_factory
     return pipeline.rows(statement, None if factory is tuple_row else factory, limit)
 
 
-async def _run(pool: ConnectionPool, query: Any, params: Any) -> tuple[Statement, Entry]:
+async def _run(pool: ConnectionPool, query: Any, params: Any) -> tuple[Statement, Pipeline]:
+    statement = Statement(query, params, pool._new_waker())
     entry = _with_room(pool)
     if entry is None:
-        # Queue FIFO with borrowers: for room on a pipeline, or a whole connection.
-        entry = await acquire(pool, None, wants_slot=True)
-        if entry not in pool._pipelined:
-            start(pool, entry).reserved += 1  # ours; the room left goes to those queued
-            grant_room(pool, entry)
-    else:
-        entry.pipeline.reserved += 1
-    pipeline: Pipeline = entry.pipeline
+        # Queue FIFO with borrowers: sent as soon as a pipeline has room, or
+        # a whole connection comes.
+        try:
+            entry = await acquire(pool, None, statement)
+        except BaseException:
+            _leave(pool, statement)
+            raise
+        if entry is not None:
+            start(pool, entry)
+    reads = False
+    if entry is not None:
+        reads = send(pool, entry, statement)
+        if pool._waiters.count:
+            grant_room(pool, entry)  # the room left goes to those queued
     try:
-        statement = pipeline.prepare(query, params, current_backend().waker())
+        if reads:
+            assert entry is not None
+            await read_until(pool, entry, statement)
+        elif not statement.done:
+            await statement.waker.wait()
     except BaseException:
-        release_room(pool, entry)
-        raise
-    pipeline.reserved -= 1
-    try:
-        if pipeline.submit(statement):
-            pool._spawn(lambda: _drive(pool, entry))
-    except BaseException:
-        give_back_if_idle(pool, entry)  # the connection was lost while sending
-        raise
-    depth = len(pipeline.in_flight)
-    if depth > pool._counters.depth_max:
-        pool._counters.depth_max = depth
-    try:
-        await statement.waker.wait()
-    except BaseException:
-        statement.abandoned = True
-        if pipeline.in_flight and pipeline.in_flight[0] is statement:
-            # The server runs it (or is about to): cancel it there, in the pool's task.
-            pool._spawn(lambda: _cancel_head(pool, entry, statement))
+        _leave(pool, statement)
         raise
     if statement.error is not None:
         raise statement.error
-    return statement, entry
+    pipeline = statement.pipeline
+    assert pipeline is not None
+    return statement, pipeline
+
+
+def _leave(pool: ConnectionPool, statement: Statement) -> None:
+    """The caller is gone: drop its result; stop its statement if the server runs it."""
+    pipeline = statement.pipeline
+    if pipeline is None or statement.done:
+        return
+    statement.abandoned = True
+    if pipeline.in_flight and pipeline.in_flight[0] is statement:
+        # The server runs it (or is about to): cancel it there, in the pool's task.
+        pool._spawn(lambda: _cancel_head(pool, pipeline, statement))
 
 
 def _with_room(pool: ConnectionPool) -> Entry | None:
@@ -144,24 +148,23 @@ def _with_room(pool: ConnectionPool) -> Entry | None:
     best_load = room = pool.pool_config.pipeline_depth
     for entry in pool._pipelined:
         pipeline = entry.pipeline
-        load = len(pipeline.in_flight) + pipeline.reserved
+        load = len(pipeline.in_flight)
         if load < best_load and pipeline.broken is None:
             best, best_load = entry, load
     return best if best_load < room else None
 
 
-async def _cancel_head(pool: ConnectionPool, entry: Entry, statement: Statement) -> None:
+async def _cancel_head(pool: ConnectionPool, pipeline: Pipeline, statement: Statement) -> None:
     """Stop an abandoned statement on the server, within ``cancel_grace``, or close.
 
     A cancel request stops whatever the backend runs when it arrives: if
     the abandoned statement ended meanwhile, the next one may be hit; the
     pipeline sends such a statement again (its own transaction rolled back).
     """
-    conn = entry.conn
-    pipeline: Pipeline = entry.pipeline
+    conn = pipeline.conn
     grace = conn.cancel_grace
     pipeline.cancel_until = pool._now() + 2 * grace
-    statement.waker = current_backend().waker()
+    statement.waker = pool._new_waker()
     with anyio.move_on_after(grace):
         if not statement.done:
             with contextlib.suppress(psycopg.Error):
@@ -175,10 +178,3 @@ async def _cancel_head(pool: ConnectionPool, entry: Entry, statement: Statement)
             grace,
         )
         conn.abort()  # the pipeline's reader fails what is in flight (OutcomeUnknown)
-
-
-async def _drive(pool: ConnectionPool, entry: Entry) -> None:
-    """Read the pipeline's results; when it empties, give the connection back."""
-    pipeline: Pipeline = entry.pipeline
-    await pipeline.run()
-    give_back_if_idle(pool, entry)

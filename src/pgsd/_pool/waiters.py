@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -19,17 +20,21 @@ from .._backend import Waker
 from .._errors import PoolTimeout
 from .entry import Entry
 
+if TYPE_CHECKING:
+    from .pipeline import Statement
+
 __all__ = ["Waiter", "WaiterQueue"]
 
 
 class Waiter:
     """A task waiting for a connection: woken once, with a connection or an error."""
 
-    __slots__ = ("deadline", "done", "entry", "error", "waker", "wants_slot")
+    __slots__ = ("deadline", "done", "entry", "error", "statement", "waker")
 
-    def __init__(self, deadline: float, waker: Waker, wants_slot: bool = False) -> None:
+    def __init__(self, deadline: float, waker: Waker, statement: Statement | None = None) -> None:
         self.deadline = deadline
-        self.wants_slot = wants_slot  # a one-shot statement: room on a pipeline will do
+        #: A one-shot statement's: sent as soon as a pipeline has room for it.
+        self.statement = statement
         self.done = False
         self.entry: Entry | None = None
         self.error: BaseException | None = None
@@ -57,10 +62,15 @@ class WaiterQueue:
         self.count = 0
 
     def add(
-        self, deadline: float, waker: Waker, *, default_timeout: bool, wants_slot: bool = False
+        self,
+        deadline: float,
+        waker: Waker,
+        *,
+        default_timeout: bool,
+        statement: Statement | None = None,
     ) -> Waiter:
         """Queue a waiter; *default_timeout* says its deadline keeps arrival order."""
-        waiter = Waiter(deadline, waker, wants_slot)
+        waiter = Waiter(deadline, waker, statement)
         self._fifo.append(waiter)
         self.count += 1
         if default_timeout:
@@ -86,14 +96,23 @@ class WaiterQueue:
             return True
         return False
 
-    def grant_slot(self, entry: Entry) -> bool:
-        """Hand room on *entry*'s pipeline to the first waiter, if it is a statement's."""
+    def take_statement(self) -> Statement | None:
+        """The first waiter's statement, to send now, if the first waiter is a statement's.
+
+        The waiter leaves the queue unwoken: its task wakes when the
+        statement ends. None when nobody waits, or a borrower is first (it
+        waits for a whole connection).
+        """
         fifo = self._fifo
         while fifo and fifo[0].done:
             fifo.popleft()
-        if not fifo or not fifo[0].wants_slot:
-            return False  # nobody, or a borrower first: it waits for a whole connection
-        return self.grant(entry)
+        if not fifo or fifo[0].statement is None:
+            return None
+        waiter = fifo.popleft()
+        waiter.done = True
+        self.count -= 1
+        self._forget_served()
+        return waiter.statement
 
     def fail(self, waiter: Waiter, error: BaseException) -> None:
         """Wake *waiter* with *error*, unless it was woken already."""

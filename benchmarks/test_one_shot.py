@@ -1,0 +1,56 @@
+"""One statement at a time from many tasks: lent connections, and one-shot statements.
+
+Each scenario runs 5, 100 and 1000 tasks on a pool of 5. The lent form
+borrows a connection for each statement, as every pool can. The one-shot
+form runs the statement each library's fastest way for one statement:
+pgsd's ``fetchval``/``fetchone`` (pipelined across the tasks), asyncpg's
+``pool.fetchval``/``fetchrow`` (acquire, run, release in one call), and
+psycopg_pool, which has no such call, through a lent connection.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import pytest
+
+from harness import Bench, Sizes
+from workload import run_tasks
+
+TASKS = [5, 100, 1000]
+
+
+def _keyed(op: Callable[[int], Awaitable[None]], rows: int) -> Callable[[], Awaitable[None]]:
+    """``op`` with a random key from 1 to ``rows`` at each call."""
+    pick = random.Random(0).randint
+
+    def call() -> Awaitable[None]:
+        return op(pick(1, rows))
+
+    return call
+
+
+@pytest.mark.parametrize("tasks", TASKS)
+def test_one_shot_select_one(bench: Bench, sizes: Sizes, tasks: int) -> None:
+    """``SELECT 1`` as one-shot statements."""
+    ops = sizes.select_ops
+    batch = partial(run_tasks, bench.pool.one_shot_select_one, ops, tasks)
+    bench.run(f"one-shot SELECT 1, {tasks} tasks", batch, ops, per_op=False, vs_pgbench=True)
+
+
+@pytest.mark.parametrize("tasks", TASKS)
+def test_point_read(bench: Bench, sizes: Sizes, point_rows: int, tasks: int) -> None:
+    """A row by primary key (random among ``point_rows``) through a lent connection."""
+    ops = sizes.select_ops
+    batch = partial(run_tasks, _keyed(bench.pool.point_read, point_rows), ops, tasks)
+    bench.run(f"point read, {tasks} tasks", batch, ops, per_op=False)
+
+
+@pytest.mark.parametrize("tasks", TASKS)
+def test_one_shot_point_read(bench: Bench, sizes: Sizes, point_rows: int, tasks: int) -> None:
+    """A row by primary key as one-shot statements."""
+    ops = sizes.select_ops
+    batch = partial(run_tasks, _keyed(bench.pool.one_shot_point_read, point_rows), ops, tasks)
+    bench.run(f"one-shot point read, {tasks} tasks", batch, ops, per_op=False)
