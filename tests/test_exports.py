@@ -29,6 +29,8 @@ EXPECTED = {
     "InsufficientPrivileges",
     "MIN_SERVER_VERSION",
     "OutcomeUnknown",
+    "PasswordCommand",
+    "PasswordProviderError",
     "PermissionReport",
     "PgsdError",
     "PoolClosed",

@@ -416,6 +416,7 @@ POOL_KEYS = (
     "leak_threshold",
     "close_timeout",
     "min_server_version",
+    "pipeline_depth",
     "configure",
     "max_sise",
 )
@@ -423,6 +424,8 @@ DATABASE_KEYS = (
     *(key for key in LIBPQ_FIELDS if key != "password"),
     "cancel_grace",
     "prepare_threshold",
+    "password_command",
+    "password_provider",
     "required",
     "extra",
     "pool",
@@ -470,7 +473,7 @@ def database_tables(draw: st.DrawFn, secrets: list[str]) -> dict[str, Any]:
             table[key] = draw(st.dictionaries(st.sampled_from(QUERY_KEYS), plausible_values))
         else:
             table[key] = draw(plausible_values | toml_values)
-    secret_places = ["password", "sslpassword", "extra", "dsn", "password_env"]
+    secret_places = ["password", "sslpassword", "extra", "dsn", "password_env", "password_command"]
     for place in draw(st.lists(st.sampled_from(secret_places), max_size=2, unique=True)):
         secret = draw(secret_markers)
         secrets += spellings(secret)
@@ -490,6 +493,11 @@ def database_tables(draw: st.DrawFn, secrets: list[str]) -> dict[str, Any]:
         elif place == "password_env":
             # The variable holds a secret of its own.
             table["password_env"] = PASSWORD_VARIABLE
+        elif place == "password_command":
+            # A token passed to the program: only the program is ever shown.
+            table["password_command"] = draw(
+                st.sampled_from([["vault", "read", f"-token={secret}"], ["vault", secret, 3]])
+            )
         else:
             table[place] = draw(st.sampled_from([secret, [secret], {"x": secret}]))
     return table

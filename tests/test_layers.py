@@ -25,6 +25,7 @@ LAYERS: dict[str, set[str]] = {
         "_version",
         "_permissions",
         "_validate",
+        "_credentials",
         "_config",
         "_config_file",
         "_backoff",

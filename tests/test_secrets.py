@@ -15,12 +15,15 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import sys
 import traceback
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import anyio
+import anyio.lowlevel
 import pytest
 from psycopg.conninfo import make_conninfo
 
@@ -236,6 +239,55 @@ async def test_a_pool_that_cannot_log_in(
         async with pool.connection():
             pass
     scan.error("pool closed", closed.value)
+
+
+async def refused(
+    scan: Scan, what: str, expected: type[BaseException], target: pgsd.DatabaseConfig
+) -> BaseException:
+    """Connecting to *target* raises *expected*, which the scan reads."""
+    with pytest.raises(expected) as info:
+        await pgsd.connect(target)
+    scan.error(what, info.value)
+    return info.value
+
+
+def provided(server: PostgresServer, user: str, provider: Any) -> pgsd.DatabaseConfig:
+    """A config whose password comes from *provider* alone."""
+    return pgsd.DatabaseConfig(
+        host=server.host, port=server.port, dbname="postgres", user=user, password_provider=provider
+    )
+
+
+async def test_a_password_provider_in_every_outcome(
+    pg_server: PostgresServer, keeper: str, scan: Scan
+) -> None:
+    """Right, wrong, failing with the secret in its own error: the secret shows nowhere."""
+    answers = iter([SECRET, SECRET + "-not"])
+
+    async def provider(config: pgsd.DatabaseConfig) -> str:
+        await anyio.lowlevel.checkpoint()  # as a real provider would
+        answer = next(answers, None)
+        if answer is None:
+            raise RuntimeError(f"vault said password={SECRET}")
+        return answer
+
+    database = provided(pg_server, keeper, provider)
+    scan.add("config", database)
+    async with await pgsd.connect(database) as conn:
+        scan.add("connection", repr(conn))
+    await refused(scan, "provider, wrong password", pgsd.AuthenticationError, database)
+    await refused(scan, "provider failing", pgsd.PasswordProviderError, database)
+
+
+async def test_a_password_command_that_fails_after_printing_the_secret(
+    pg_server: PostgresServer, keeper: str, scan: Scan
+) -> None:
+    code = f"import sys; print({SECRET!r}); sys.stderr.write('rejected ' + {SECRET!r}); sys.exit(1)"
+    command = pgsd.PasswordCommand([sys.executable, "-c", code])
+    database = provided(pg_server, keeper, command)
+    scan.add("config", database)
+    failed = await refused(scan, "command failing", pgsd.PasswordProviderError, database)
+    assert "rejected ***" in str(failed)
 
 
 async def test_a_pool_timing_out_on_a_silent_server(

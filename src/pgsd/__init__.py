@@ -11,6 +11,7 @@ from ._config_file import load_config as load_config
 from ._connection import Connection as Connection
 from ._connection import connect as connect
 from ._connector import DatabaseConnector as DatabaseConnector
+from ._credentials import PasswordCommand as PasswordCommand
 from ._errors import AuthenticationError as AuthenticationError
 from ._errors import ConfigError as ConfigError
 from ._errors import ConnectError as ConnectError
@@ -18,6 +19,7 @@ from ._errors import ConnectTimeout as ConnectTimeout
 from ._errors import DatabaseNotFound as DatabaseNotFound
 from ._errors import InsufficientPrivileges as InsufficientPrivileges
 from ._errors import OutcomeUnknown as OutcomeUnknown
+from ._errors import PasswordProviderError as PasswordProviderError
 from ._errors import PgsdError as PgsdError
 from ._errors import PoolClosed as PoolClosed
 from ._errors import PoolTimeout as PoolTimeout
@@ -56,6 +58,8 @@ __all__ = [
     "DatabaseNotFound",
     "InsufficientPrivileges",
     "OutcomeUnknown",
+    "PasswordCommand",
+    "PasswordProviderError",
     "PermissionReport",
     "PgsdError",
     "PoolClosed",

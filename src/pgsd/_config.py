@@ -20,6 +20,7 @@ from typing import Any, Self, TypeVar
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from ._credentials import PasswordProvider, check_provider, describe
 from ._dsn import libpq_text_problem, may_be_secret, parse_dsn
 from ._errors import ConfigError, format_address, is_secret_key
 from ._permissions import parse_requirement
@@ -362,8 +363,14 @@ class DatabaseConfig:
     port: int | str | None = None
     dbname: str | None = None
     user: str | None = None
-    #: Better left out: prefer the passfile, a service or ``password_env``.
+    #: Better left out: prefer the passfile, a service, ``password_env`` or
+    #: ``password_provider``.
     password: str | None = field(default=None, repr=False)
+    #: ``(config) -> str``, plain or async: called for every new connection
+    #: (never for a lent one), within ``connect_timeout``, for passwords that
+    #: change (a vault, a cloud IAM token). A plain function runs in a worker
+    #: thread. ``password_command`` in a TOML file sets a `PasswordCommand`.
+    password_provider: PasswordProvider | None = None
     passfile: str | None = None
     service: str | None = None
     sslmode: str | None = None
@@ -399,6 +406,11 @@ class DatabaseConfig:
         for key in _PLAIN_STRS:
             check_optional_str(key, getattr(self, key))
         check_password(self.password)
+        check_provider(self.password_provider)
+        if self.password is not None and self.password_provider is not None:
+            raise ConfigError(
+                "set either password or password_provider, not both", key="password_provider"
+            )
         check_str("application_name", self.application_name)
         check_choice("sslmode", self.sslmode, _SSLMODES)
         check_choice("target_session_attrs", self.target_session_attrs, _SESSION_ATTRS)
@@ -491,6 +503,8 @@ class DatabaseConfig:
                 continue
             if f.name == "password":
                 parts.append("password='***'")
+            elif f.name == "password_provider":
+                parts.append(f"password_provider={describe(value)}")
             elif f.name == "extra":
                 parts.append(f"extra={_masked(value)!r}")
             else:

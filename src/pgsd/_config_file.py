@@ -1,7 +1,7 @@
 """The TOML file loader: `load_config` builds a `ConnectorConfig` from a file.
 
 The loader owns the file's layout only: its tables, the keys it accepts,
-``dsn`` and ``password_env``. Each value is checked by the config classes
+``dsn``, ``password_env`` and ``password_command``. Each value is checked by the config classes
 in `._config`, and their `ConfigError` is re-raised naming the file and the
 dotted key. Other libpq keywords and relative file names go to libpq as written.
 """
@@ -25,15 +25,21 @@ from ._config import (
     is_libpq_keyword,
     short_repr,
 )
+from ._credentials import PasswordCommand
 from ._errors import ConfigError, is_secret_key
 
 __all__ = ["load_config"]
 
 _POOL_FILE_KEYS = tuple(f.name for f in dataclasses.fields(PoolConfig) if f.name not in POOL_HOOKS)
 _DATABASE_FILE_KEYS = (
-    *(f.name for f in dataclasses.fields(DatabaseConfig) if f.name not in ("pool", "name")),
+    *(
+        f.name
+        for f in dataclasses.fields(DatabaseConfig)
+        if f.name not in ("pool", "name", "password_provider")  # a function: not in a file
+    ),
     "dsn",
     "password_env",
+    "password_command",
     "pool",
 )
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -49,11 +55,14 @@ def load_config(
     The file has a ``[pool]`` table of defaults and one ``[databases.NAME]``
     table per database, holding `DatabaseConfig` keys, or a ``dsn`` that the
     other keys override. ``password_env = "VAR"`` reads the password from
-    the environment variable VAR (in *environ*, by default `os.environ`).
-    Other libpq keywords (``keepalives_idle = 30``) are passed through as
-    ``extra``. ``[databases.NAME.pool]`` overrides the ``[pool]`` keys it
-    sets. Relative file names (``passfile``, ``sslrootcert``...) are passed
-    to libpq as written.
+    the environment variable VAR (in *environ*, by default `os.environ`);
+    ``password_command = ["vault", "read", "-field=password", "db/app"]``
+    runs that program for every new connection and uses the first line of
+    its output (`PasswordCommand`). Other libpq keywords
+    (``keepalives_idle = 30``) are passed through as ``extra``.
+    ``[databases.NAME.pool]`` overrides the ``[pool]`` keys it sets.
+    Relative file names (``passfile``, ``sslrootcert``...) are passed to
+    libpq as written.
 
     Raises `ConfigError` naming the file, the dotted key and the problem for
     a missing or unreadable file, invalid TOML, an unknown key, a value of
@@ -123,6 +132,7 @@ def _build_database(
     dsn = table.pop("dsn", None)
     _move_libpq_keywords(table, prefix)
     _resolve_password(table, environ, prefix)
+    _password_command(table, prefix)
     if table.get("prepare_threshold") is False:
         # TOML has no null: "prepare_threshold = false" means never prepare.
         table["prepare_threshold"] = None
@@ -168,6 +178,19 @@ def _resolve_password(
         state = "is not set" if password is None else "is empty"
         raise ConfigError(f"environment variable {variable!r} {state}", key=key)
     table["password"] = password
+
+
+def _password_command(table: dict[str, Any], prefix: tuple[str, ...]) -> None:
+    if "password_command" not in table:
+        return
+    argv = table.pop("password_command")
+    key = _dotted(*prefix, "password_command")
+    if "password" in table:
+        raise ConfigError(
+            "set one of password, password_env and password_command, not several", key=key
+        )
+    with _key_prefix(_dotted(*prefix)):
+        table["password_provider"] = PasswordCommand(argv)
 
 
 def _database_pool(

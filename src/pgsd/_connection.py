@@ -49,6 +49,7 @@ from psycopg.transaction import OutOfOrderTransactionNesting
 from ._attempts import DEFAULT_CONNECT_TIMEOUT, as_seconds, attempt_timeout, connect_pgconn
 from ._backend import FdWaiter, Lock, current_backend, install_psycopg_shims
 from ._config import DatabaseConfig
+from ._credentials import fetch_password
 from ._driver import WAIT_R, Driver, cancel_gen, drive_conn, poll_ready
 from ._errors import connect_error_from, redact
 from ._internals import PSYCOPG_CONNECTION_ATTRIBUTES, PSYCOPG_INTERNALS
@@ -532,11 +533,15 @@ async def connect(
             connection; the subclass says why (``AuthenticationError``,
             ``DatabaseNotFound``, ``ConnectTimeout``, ``ServerUnavailable``,
             ``TooManyConnections``, ``TLSError``) and the psycopg error is
-            the ``__cause__``.
+            the ``__cause__``; ``PasswordProviderError`` when the config's
+            ``password_provider`` gave no password.
     """
     config = target if isinstance(target, DatabaseConfig) else DatabaseConfig.from_dsn(target)
     if "connect_timeout" in kwargs:
         config = config.replace(connect_timeout=as_seconds(kwargs.pop("connect_timeout")))
+    if config.password_provider is not None:
+        password = await fetch_password(config)
+        config = config.replace(password=password, password_provider=None)
     options = {name: kwargs.pop(name) for name in _PSYCOPG_OPTIONS if name in kwargs}
     options.setdefault("prepare_threshold", config.prepare_threshold)
     try:

@@ -19,6 +19,7 @@ __all__ = [
     "DatabaseNotFound",
     "InsufficientPrivileges",
     "OutcomeUnknown",
+    "PasswordProviderError",
     "PgsdError",
     "PoolClosed",
     "PoolTimeout",
@@ -176,6 +177,17 @@ class AuthenticationError(ConnectError):
         "check the user name and password (password_env, passfile or PGPASSWORD)"
         " and the server's pg_hba.conf"
     )
+
+
+class PasswordProviderError(ConnectError):
+    """The password provider (or ``password_command``) gave no password.
+
+    The message names the provider (a command by its program alone) and
+    never holds what it returned.
+    """
+
+    __module__ = "pgsd"
+    hint = "check the password provider or command: it runs for every new connection"
 
 
 class DatabaseNotFound(ConnectError):
