@@ -10,7 +10,7 @@ __all__ = ["PoolCounters", "PoolState", "PoolStats"]
 #: ``opening``: no connection attempt has finished yet; ``up``: the last one
 #: succeeded; ``down``: the last one failed and the pool is retrying;
 #: ``closed``: the pool was closed.
-PoolState = Literal["opening", "up", "down", "closed"]
+PoolState = Literal["opening", "up", "down", "paused", "closed"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -40,6 +40,7 @@ class Entry:
         borrowed_at, stack: when and where it was lent, kept only with
             ``leak_threshold``.
         leak_reported: whether this loan was reported as a leak.
+        retired: set by `drain`: closed when it comes back, never lent again.
     """
 
     __slots__ = (
@@ -51,6 +52,7 @@ class Entry:
         "last_used",
         "leak_reported",
         "pipeline",
+        "retired",
         "stack",
     )
 
@@ -64,3 +66,4 @@ class Entry:
         self.stack: traceback.StackSummary | None = None
         self.leak_reported = False
         self.pipeline: Any = None  # a `Pipeline` while one-shot statements use it
+        self.retired = False  # drained: closed instead of lent again

@@ -55,6 +55,8 @@ class Filler:
         size = len(pool._entries)
         if size + self.opening >= pool._max_size or pool._closed or pool._task_group is None:
             return  # full (the usual case under load), closed, or not open
+        if pool._paused:
+            return
         missing = self.wanted_size() - size - self.opening
         if pool._availability.state == "down":
             # One attempt at a time while the server is away, with backoff.
@@ -74,7 +76,7 @@ class Filler:
         availability = pool._availability
         added = False
         try:
-            while not pool._closed:
+            while not pool._closed and not pool._paused:
                 if availability.state == "down":
                     pool._counters.reconnects += 1
                 try:

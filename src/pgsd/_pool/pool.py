@@ -37,6 +37,7 @@ from .entry import IDLE, PING_TIMEOUT, ConnectionFactory, Entry
 from .filler import Filler
 from .lending import acquire, timeout_error, worth_checking
 from .maintenance import Maintenance
+from .operations import Operations
 from .statements import OneShot
 from .waiters import WaiterQueue
 
@@ -77,7 +78,7 @@ class _Lease:
             await release(self._pool, entry, exc)  # noqa: ASYNC102
 
 
-class ConnectionPool(OneShot):
+class ConnectionPool(OneShot, Operations):
     """Connections to one database, lent to one task at a time.
 
     Use it as an async context manager; its tasks run until it is closed::
@@ -131,6 +132,8 @@ class ConnectionPool(OneShot):
         self._entries: set[Entry] = set()
         self._idle: deque[Entry] = deque()  # the most recently used on the right
         self._pipelined: set[Entry] = set()  # in pipeline mode for one-shot statements
+        self._paused = False
+        self._parked: deque[Entry] = deque()  # idle while paused, not to be lent
         self._waiters = WaiterQueue()
         self._closed = True
         self._opened_once = False
@@ -228,8 +231,9 @@ class ConnectionPool(OneShot):
                 anyio.move_on_after(self.pool_config.close_timeout),
             ):
                 await self._maintenance.stop()
-                while self._idle:
-                    self._discard(self._idle.pop())
+                for queue in (self._idle, self._parked):
+                    while queue:
+                        self._discard(queue.pop())
                 while self._entries:
                     await self._wait_changed()
         finally:
@@ -315,7 +319,7 @@ class ConnectionPool(OneShot):
             min_size=self._min_size,
             max_size=self._max_size,
             size=len(self._entries),
-            idle=len(self._idle),
+            idle=len(self._idle) + len(self._parked),
             opening=self._filler.opening,
             waiting=self._waiters.count,
             in_flight=sum(len(entry.pipeline.in_flight) for entry in self._pipelined),
@@ -323,7 +327,9 @@ class ConnectionPool(OneShot):
 
     @property
     def state(self) -> PoolState:
-        """``opening``, ``up``, ``down`` or ``closed``."""
+        """``opening``, ``up``, ``down``, ``paused`` or ``closed``."""
+        if self._paused and not self._closed:
+            return "paused"
         return self._availability.state
 
     @property
@@ -364,11 +370,20 @@ class ConnectionPool(OneShot):
         return False
 
     def _put_back(self, entry: Entry) -> None:
-        """Hand a usable connection to the first waiter, or make it idle."""
-        if self._closed:
+        """Hand a usable connection to the first waiter, or make it idle.
+
+        Closed instead when the pool is closed, the connection was drained,
+        or the pool holds more than ``max_size`` (it was resized); parked
+        while the pool is paused.
+        """
+        if self._closed or entry.retired or len(self._entries) > self._max_size:
             self._discard(entry)
             return
         entry.stack = None
+        if self._paused:
+            self._parked.append(entry)
+            self._notify()
+            return
         if not self._waiters.grant(entry):
             self._idle.append(entry)
             self._notify()

@@ -69,7 +69,12 @@ async def read_until(pool: ConnectionPool, entry: Entry, statement: Statement) -
 
 
 def grant_room(pool: ConnectionPool, entry: Entry) -> None:
-    """Send the statements first in the queue on *entry*'s pipeline, while it has room."""
+    """Send the statements first in the queue on *entry*'s pipeline, while it has room.
+
+    None while the pool is paused, nor on a drained connection: it empties.
+    """
+    if pool._paused or entry.retired:
+        return
     pipeline: Pipeline = entry.pipeline
     room = pool.pool_config.pipeline_depth - len(pipeline.in_flight)
     waiters = pool._waiters

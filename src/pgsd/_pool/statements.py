@@ -138,8 +138,8 @@ def _with_room(pool: ConnectionPool) -> Entry | None:
     """An idle connection, else the least loaded pipeline with room; none while others queue."""
     if pool._closed:
         raise PoolClosed(f"pool {pool.name!r} is closed")
-    if pool._waiters.count:
-        return None  # FIFO: queue behind them
+    if pool._waiters.count or pool._paused:
+        return None  # FIFO: queue behind them (or until the pool resumes)
     if pool._idle:
         entry = pool._idle.pop()
         start(pool, entry)
@@ -149,7 +149,7 @@ def _with_room(pool: ConnectionPool) -> Entry | None:
     for entry in pool._pipelined:
         pipeline = entry.pipeline
         load = len(pipeline.in_flight)
-        if load < best_load and pipeline.broken is None:
+        if load < best_load and pipeline.broken is None and not entry.retired:
             best, best_load = entry, load
     return best if best_load < room else None
 
