@@ -417,6 +417,7 @@ POOL_KEYS = (
     "close_timeout",
     "min_server_version",
     "pipeline_depth",
+    "evict_sqlstates",
     "configure",
     "max_sise",
 )

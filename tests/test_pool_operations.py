@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import psycopg
 import pytest
 
 import pgsd
@@ -292,3 +293,49 @@ async def test_a_paused_pool_closes_cleanly(pg_server: PostgresServer) -> None:
         await pool.wait_ready()
         pool.pause()
     assert await server_connections(pg_server, config.application_name) == 0
+
+
+# -- which errors evict ------------------------------------------------------------------
+
+#: A code of the program's own: class PG, which PostgreSQL does not use.
+OWN_CODE_RAISED = "DO $$ BEGIN RAISE SQLSTATE 'PGS01'; END $$"
+
+
+@pytest.mark.parametrize(
+    ("evict_sqlstates", "replaced"),
+    [((), False), (["PGS01"], True), (["pg"], True), (["PGS02"], False)],
+    ids=["built-in-rules-keep-it", "the-code", "its-class-any-case", "another-code"],
+)
+async def test_evict_sqlstates_replace_the_connection_an_error_came_from(
+    pg_server: PostgresServer, evict_sqlstates: list[str], replaced: bool
+) -> None:
+    async with open_pool(
+        db_config(pg_server), min_size=1, max_size=1, evict_sqlstates=evict_sqlstates
+    ) as pool:
+        first = await pool.fetchval("SELECT pg_backend_pid()")
+        with pytest.raises(psycopg.Error) as info:
+            async with pool.connection() as conn:
+                await conn.execute(OWN_CODE_RAISED)
+        assert info.value.sqlstate == "PGS01"
+        second = await pool.fetchval("SELECT pg_backend_pid()")
+        assert (second != first) is replaced
+        # The same rule for a one-shot statement's error.
+        with pytest.raises(psycopg.Error):
+            await pool.execute(OWN_CODE_RAISED)
+        third = await pool.fetchval("SELECT pg_backend_pid()")
+        assert (third != second) is replaced
+
+
+@pytest.mark.parametrize(
+    "value", ["08", ["5"], ["57P0!"], [8], ["08000X"]], ids=["a-string", "1", "bang", "int", "6"]
+)
+def test_evict_sqlstates_must_be_codes_or_classes(value: Any) -> None:
+    with pytest.raises(pgsd.ConfigError) as info:
+        pgsd.PoolConfig(evict_sqlstates=value)
+    assert info.value.key == "evict_sqlstates"
+
+
+def test_evict_sqlstates_in_a_file(tmp_path: Any) -> None:
+    path = tmp_path / "pgsd.toml"
+    path.write_text('[pool]\nevict_sqlstates = ["08", "xx001"]\n[databases.a]\nhost = "h"\n')
+    assert pgsd.load_config(path).pool.evict_sqlstates == ("08", "XX001")

@@ -148,6 +148,10 @@ class PoolConfig:
     close_timeout: float = 5.0
     #: Servers older than this ``server_version_num`` are refused.
     min_server_version: int = 130000
+    #: More SQLSTATE codes (5 characters) or classes (2) whose error closes the
+    #: connection it came from, beside the built-in ones (class 08, 57P01-03):
+    #: for proxies and cloud services with codes of their own.
+    evict_sqlstates: Sequence[str] = ()
     #: Awaited with each new connection before it is first lent.
     configure: Callable[[Any], Awaitable[None]] | None = None
     #: Awaited with each returned connection before it is lent again.
@@ -170,6 +174,7 @@ class PoolConfig:
                 "leak_threshold", self.leak_threshold, minimum=0, exclusive=True
             )
             self._set("leak_threshold", threshold)
+        self._set("evict_sqlstates", _normalize_sqlstates(self.evict_sqlstates))
         self._check_hooks()
         self._check_relations()
 
@@ -200,6 +205,29 @@ class PoolConfig:
     def replace(self, **changes: Any) -> Self:
         """Return a copy with *changes* applied. Raises `ConfigError` if invalid."""
         return dataclasses.replace(self, **changes)
+
+
+_SQLSTATE = re.compile(r"[0-9A-Z]{2}(?:[0-9A-Z]{3})?")
+
+
+def _normalize_sqlstates(value: object) -> tuple[str, ...]:
+    """A tuple of SQLSTATE codes or classes, upper-cased; `ConfigError` otherwise."""
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ConfigError(
+            f"must be a list of SQLSTATE codes or classes, got {short_repr(value)}",
+            key="evict_sqlstates",
+        )
+    codes = []
+    for code in value:
+        text = code.upper() if isinstance(code, str) else code
+        if not isinstance(text, str) or not _SQLSTATE.fullmatch(text):
+            raise ConfigError(
+                "each must be a SQLSTATE code (5 letters or digits, like '57P01') or a class"
+                f" (2, like '08'), got {short_repr(code)}",
+                key="evict_sqlstates",
+            )
+        codes.append(text)
+    return tuple(codes)
 
 
 # --- DatabaseConfig ----------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import psycopg
@@ -344,17 +344,20 @@ _EVICT_SQLSTATE_PREFIXES: tuple[str, ...] = ("08", "57P01", "57P02", "57P03")
 _READ_ONLY_SQLSTATE = "25006"
 
 
-def evicts(exc: BaseException | None, *, wants_primary: bool) -> bool:
+def evicts(exc: BaseException | None, *, wants_primary: bool, extra: Sequence[str] = ()) -> bool:
     """Whether an error a borrower met means its connection is not worth keeping.
 
-    A lost connection or a server shutting down; and, when the database asks
-    for a read-write server, a write refused as read-only (SQLSTATE 25006)
-    by a server that was the primary when connected and has been demoted.
+    A lost connection or a server shutting down; when the database asks for
+    a read-write server, a write refused as read-only (SQLSTATE 25006) by a
+    server that was the primary when connected and has been demoted; and
+    the codes or classes in *extra* (``PoolConfig.evict_sqlstates``).
     """
     sqlstate = getattr(exc, "sqlstate", None)
     if not isinstance(sqlstate, str):
         return False
-    if sqlstate.startswith(_EVICT_SQLSTATE_PREFIXES):
+    if sqlstate.startswith(_EVICT_SQLSTATE_PREFIXES) or (
+        extra and sqlstate.startswith(tuple(extra))
+    ):
         return True
     return wants_primary and sqlstate == _READ_ONLY_SQLSTATE
 

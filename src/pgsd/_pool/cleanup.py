@@ -36,7 +36,8 @@ async def release(pool: ConnectionPool, entry: Entry, exc: BaseException | None)
         # the pool's own task, so that the borrower is not held up.
         pool._task_group.start_soon(_settle, pool, entry)
         return
-    if evicts(exc, wants_primary=pool._wants_primary) or conn.closed or conn.broken:
+    extra = pool.pool_config.evict_sqlstates
+    if evicts(exc, wants_primary=pool._wants_primary, extra=extra) or conn.closed or conn.broken:
         pool._counters.lost += 1
         pool._discard(entry)
         return

@@ -142,12 +142,15 @@ class Pipeline:
         "broken",
         "cancel_until",
         "conn",
+        "entry",
         "in_flight",
         "on_room",
     )
 
-    def __init__(self, conn: Connection[Any]) -> None:
+    def __init__(self, conn: Connection[Any], entry: Any = None) -> None:
         self.conn = conn
+        #: The pool's bookkeeping of the connection (None outside a pool).
+        self.entry = entry
         self._pgconn = conn.pgconn
         self._tx = Transformer(conn)
         self.in_flight: deque[Statement] = deque()

@@ -25,7 +25,7 @@ def start(pool: ConnectionPool, entry: Entry) -> Pipeline:
     """Put an idle connection in pipeline mode for one-shot statements."""
     pipeline: Pipeline | None = entry.pipeline
     if pipeline is None:
-        pipeline = entry.pipeline = Pipeline(entry.conn)
+        pipeline = entry.pipeline = Pipeline(entry.conn, entry)
         pipeline.on_room = lambda: _answered(pool, entry)
     pipeline.start()
     pool._pipelined.add(entry)

@@ -26,7 +26,7 @@ import anyio
 import psycopg
 from psycopg.rows import RowFactory, tuple_row
 
-from .._errors import PoolClosed
+from .._errors import PoolClosed, evicts
 from .entry import Entry
 from .lending import acquire
 from .pipeline import Pipeline, Statement, rowcount
@@ -117,10 +117,27 @@ async def _run(pool: ConnectionPool, query: Any, params: Any) -> tuple[Statement
         _leave(pool, statement)
         raise
     if statement.error is not None:
+        _evict_if_condemned(pool, statement)
         raise statement.error
     pipeline = statement.pipeline
     assert pipeline is not None
     return statement, pipeline
+
+
+def _evict_if_condemned(pool: ConnectionPool, statement: Statement) -> None:
+    """An error that condemns its connection (as for a borrower): replace the connection."""
+    pipeline = statement.pipeline
+    extra = pool.pool_config.evict_sqlstates
+    if pipeline is None or not evicts(
+        statement.error, wants_primary=pool._wants_primary, extra=extra
+    ):
+        return
+    entry = pipeline.entry
+    entry.retired = True  # no statement is sent on it any more; closed once drained
+    for queue in (pool._idle, pool._parked):
+        if entry in queue:  # drained and given back before its caller ran
+            queue.remove(entry)
+            pool._discard(entry)
 
 
 def _leave(pool: ConnectionPool, statement: Statement) -> None:
