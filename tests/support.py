@@ -32,6 +32,15 @@ def unique_name(prefix: str = "pgsd_test") -> str:
     return f"{prefix}_{os.getpid()}_{next(_names)}"
 
 
+async def until(condition: Any, polls: int = 1000, pace: float = 0.01) -> None:
+    """Let the program's tasks run until *condition()* holds: at most *polls* times *pace* s."""
+    for _ in range(polls):
+        if condition():
+            return
+        await anyio.sleep(pace)
+    raise AssertionError("the condition never held")
+
+
 def db_config(
     server: PostgresServer, *, user: str | None = None, **overrides: Any
 ) -> pgsd.DatabaseConfig:

@@ -17,14 +17,19 @@ import pytest
 
 import pgsd
 from pgsd.testing import PostgresServer
-from support import assert_invariants, db_config, open_pool, server_connections, unique_name
+from support import (
+    assert_invariants,
+    db_config,
+    open_pool,
+    server_connections,
+    unique_name,
+    until,
+)
 
 pytestmark = pytest.mark.anyio
 
 #: A generous bound on what should end at once, for a loaded CI machine.
 BOUND = 30
-#: Bounds on polling the pool's gauges.
-POLLS = 1000
 
 
 async def backend_pids(server: PostgresServer, application_name: str) -> set[int]:
@@ -34,15 +39,6 @@ async def backend_pids(server: PostgresServer, application_name: str) -> set[int
             "SELECT pid FROM pg_stat_activity WHERE application_name = %s", [application_name]
         )
         return {row[0] for row in await cur.fetchall()}
-
-
-async def until(condition: Any) -> None:
-    """Let the pool's tasks run until *condition()* holds (bounded)."""
-    for _ in range(POLLS):
-        if condition():
-            return
-        await anyio.sleep(0.01)
-    raise AssertionError("the condition never held")
 
 
 # -- drain -------------------------------------------------------------------------

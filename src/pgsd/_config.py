@@ -32,6 +32,7 @@ from ._validate import (
     check_optional_str,
     check_password,
     check_positive,
+    check_sqlstates,
     check_str,
     number_text,
     short_repr,
@@ -174,7 +175,7 @@ class PoolConfig:
                 "leak_threshold", self.leak_threshold, minimum=0, exclusive=True
             )
             self._set("leak_threshold", threshold)
-        self._set("evict_sqlstates", _normalize_sqlstates(self.evict_sqlstates))
+        self._set("evict_sqlstates", check_sqlstates("evict_sqlstates", self.evict_sqlstates))
         self._check_hooks()
         self._check_relations()
 
@@ -205,29 +206,6 @@ class PoolConfig:
     def replace(self, **changes: Any) -> Self:
         """Return a copy with *changes* applied. Raises `ConfigError` if invalid."""
         return dataclasses.replace(self, **changes)
-
-
-_SQLSTATE = re.compile(r"[0-9A-Z]{2}(?:[0-9A-Z]{3})?")
-
-
-def _normalize_sqlstates(value: object) -> tuple[str, ...]:
-    """A tuple of SQLSTATE codes or classes, upper-cased; `ConfigError` otherwise."""
-    if isinstance(value, str) or not isinstance(value, Iterable):
-        raise ConfigError(
-            f"must be a list of SQLSTATE codes or classes, got {short_repr(value)}",
-            key="evict_sqlstates",
-        )
-    codes = []
-    for code in value:
-        text = code.upper() if isinstance(code, str) else code
-        if not isinstance(text, str) or not _SQLSTATE.fullmatch(text):
-            raise ConfigError(
-                "each must be a SQLSTATE code (5 letters or digits, like '57P01') or a class"
-                f" (2, like '08'), got {short_repr(code)}",
-                key="evict_sqlstates",
-            )
-        codes.append(text)
-    return tuple(codes)
 
 
 # --- DatabaseConfig ----------------------------------------------------------

@@ -9,26 +9,21 @@ require, and no pool outlives ``async with connector``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, Self
 
 import anyio
 import anyio.abc
-from psycopg import AsyncConnection
 from psycopg.rows import RowFactory
 
 from ._config import ConnectorConfig, DatabaseConfig, PoolConfig
 from ._connection import Connection
 from ._errors import ConfigError, PgsdError, PoolClosed, redact
-from ._permissions import PermissionReport
-from ._permissions import check_permissions as _check_permissions
 from ._pool import ConnectionPool, StateCallback
-from ._reports import ConnectionReport, failure_report, verify_pool
+from ._runtime import RunTimeDatabases
 from ._stats import PoolStats
-from ._version import ServerVersion
-from ._version import get_version as _get_version
+from ._verifying import Verifying
 
 __all__ = ["DatabaseConnector"]
 
@@ -82,7 +77,7 @@ class _OneShotByName:
         return await pool.execute(query, params)
 
 
-class DatabaseConnector(_OneShotByName):
+class DatabaseConnector(_OneShotByName, RunTimeDatabases, Verifying):
     """A connection pool per configured database, in one task group.
 
     Use it as an async context manager::
@@ -134,7 +129,10 @@ class DatabaseConnector(_OneShotByName):
             self._pools[name] = pool = self._make_pool(name, database, config.pool_config(name))
             self._register(pool, database)
         self._task_group: anyio.abc.TaskGroup | None = None
-        self._closing: anyio.Event | None = None
+        #: Each open pool's task, by pool: set `stop` to close the pool;
+        #: `started` and `done` say when it opened and when it has closed.
+        self._runs: dict[ConnectionPool, _PoolRun] = {}
+        self._closed = False
         self._new_pool_lock: anyio.Lock | None = None
         self._warming = _WarmUp()
         self._entered = False
@@ -154,7 +152,6 @@ class DatabaseConnector(_OneShotByName):
         if self._entered:
             raise RuntimeError("a DatabaseConnector can be entered only once; make a new one")
         self._entered = True
-        self._closing = anyio.Event()
         self._new_pool_lock = anyio.Lock()
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
@@ -164,7 +161,7 @@ class DatabaseConnector(_OneShotByName):
             # connection attempts start at once, so starting the pools one
             # after the other still connects to every database concurrently.
             for pool in list(self._pools.values()):
-                await task_group.start(self._run_pool, pool)
+                await task_group.start(self._run_pool, pool, self._run_of(pool))
             pools = [self._pools[name] for name in self.config.databases]
             await self._warming.run(pools)
             _log_open(pools)
@@ -184,26 +181,36 @@ class DatabaseConnector(_OneShotByName):
 
     async def _close(self) -> None:
         task_group, self._task_group = self._task_group, None
+        self._closed = True
         if task_group is None:
             return
-        assert self._closing is not None
-        self._closing.set()
+        for run in self._runs.values():
+            run.stop.set()
         # Shielded so that a cancelled caller still closes every connection;
         # bounded because each pool's close is (close_timeout, then abort).
         task_group.cancel_scope.shield = True
         await task_group.__aexit__(None, None, None)
 
+    def _run_of(self, pool: ConnectionPool) -> _PoolRun:
+        run = self._runs[pool] = _PoolRun()
+        return run
+
     async def _run_pool(
         self,
         pool: ConnectionPool,
+        run: _PoolRun,
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Keep one pool open until the connector closes."""
-        assert self._closing is not None
-        async with pool:
-            task_status.started()
-            await self._closing.wait()
+        """Keep one pool open until it is removed or the connector closes."""
+        try:
+            async with pool:
+                run.started.set()
+                task_status.started()
+                await run.stop.wait()
+        finally:
+            run.done.set()
+            self._runs.pop(pool, None)
 
     def _pool_down(self, name: str, error: BaseException | None) -> Any:
         self._warming.stop(name)
@@ -251,7 +258,20 @@ class DatabaseConnector(_OneShotByName):
         if pool is None:
             assert isinstance(target, DatabaseConfig)
             pool = await self._new_pool(target)
+        elif pool._closed:
+            await self._opened(pool)
         return pool
+
+    def _opening(self, pool: ConnectionPool) -> bool:
+        """Whether *pool* was added at run time and its task has not opened it yet."""
+        run = self._runs.get(pool)
+        return run is not None and not run.started.is_set()
+
+    async def _opened(self, pool: ConnectionPool) -> None:
+        """Wait until a pool added at run time is open (at once for any other)."""
+        run = self._runs.get(pool)
+        if run is not None:
+            await run.started.wait()
 
     async def _new_pool(self, database: DatabaseConfig) -> ConnectionPool:
         """Open a pool for a database that is not configured, once per config."""
@@ -265,7 +285,7 @@ class DatabaseConnector(_OneShotByName):
                 raise PoolClosed("the connector is closed")
             name = self._new_name(database)
             pool = self._make_pool(name, database, database.pool or self.config.pool)
-            await self._task_group.start(self._run_pool, pool)
+            await self._task_group.start(self._run_pool, pool, self._run_of(pool))
             self._pools[name] = pool
             self._register(pool, database)
         logger.info("opened a pool for database %r at %s", name, database.address)
@@ -312,9 +332,8 @@ class DatabaseConnector(_OneShotByName):
                 on entering, as `ConnectionPool.connection`.
         """
         pool = self._find_pool(target)
-        if pool is not None:
+        if pool is not None and not (pool._closed and self._opening(pool)):
             return pool.connection(timeout)
-        assert isinstance(target, DatabaseConfig)
         return _NewPoolLease(self, target, timeout)
 
     def pool(self, name: str) -> ConnectionPool:
@@ -336,99 +355,26 @@ class DatabaseConnector(_OneShotByName):
         """
         return {name: pool.stats() for name, pool in self._pools.items()}
 
-    async def ping(self, target: Target) -> float:
-        """Borrow a connection to the database and ping it; return the round trip in seconds.
 
-        Raises:
-            ConfigError: no database has that name.
-            PoolTimeout, PoolClosed: as `ConnectionPool.connection`.
-            psycopg.OperationalError: the connection did not answer.
-        """
-        pool = await self._resolve(target)
-        return await pool.ping()
+class _PoolRun:
+    """The events of one pool's task in the connector."""
 
-    async def get_version(self, conn: AsyncConnection[Any]) -> ServerVersion:
-        """The server's version: the same as `pgsd.get_version`.
+    __slots__ = ("done", "started", "stop")
 
-        Raises:
-            psycopg.Error: the query failed.
-        """
-        return await _get_version(conn)
-
-    async def check_permissions(
-        self, conn: AsyncConnection[Any], required: Iterable[str] | None = None
-    ) -> PermissionReport:
-        """What the connected role may do: the same as `pgsd.check_permissions`.
-
-        Raises:
-            ConfigError: a requirement string is malformed.
-            psycopg.Error: the query failed.
-        """
-        return await _check_permissions(conn, required)
-
-    async def verify_connection(
-        self,
-        target: Target,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> ConnectionReport:
-        """Check one database: reachable, version supported, required privileges held.
-
-        Borrows a connection from the database's pool, pings it (the round
-        trip is ``latency_ms``), reads the version and checks the
-        permissions against the database's ``required`` list. A database
-        that is down, refuses the role, runs a server older than the pool's
-        ``min_server_version`` or lacks a privilege gives a report with
-        ``ok=False`` and an ``error`` saying so, never an exception.
-
-        Args:
-            target: a configured database's name, or a `DatabaseConfig` (as
-                for `get_connection`).
-            timeout: seconds to wait for a connection, and again for the
-                checks on it. Default: the database's ``connect_timeout``,
-                capped by the pool's ``acquire_timeout``: as long as one
-                fresh connection attempt may take, while the pool retries
-                in the background.
-
-        Raises:
-            ConfigError: no database has that name (a programming error,
-                not a database problem).
-            TypeError: ``target`` is neither a name nor a `DatabaseConfig`.
-        """
-        pool = self._find_pool(target)
-        if pool is None:
-            assert isinstance(target, DatabaseConfig)
-            try:
-                pool = await self._new_pool(target)
-            except PgsdError as exc:
-                return failure_report(target.display_name, exc)
-        if timeout is None:
-            timeout = min(pool.config.connect_timeout, pool.pool_config.acquire_timeout)
-        return await verify_pool(pool, timeout)
-
-    async def verify_all(
-        self, *, on_report: Callable[[str, ConnectionReport], object] | None = None
-    ) -> dict[str, ConnectionReport]:
-        """Check every configured database, all at once; reports in config order.
-
-        ``on_report(name, report)`` is called as each check finishes (to show
-        progress). Never raises for a database problem (see
-        `verify_connection`).
-        """
-        reports: dict[str, ConnectionReport] = {}
-        async with anyio.create_task_group() as task_group:
-            for name in self.config.databases:
-                task_group.start_soon(_verify_into, self, name, reports, on_report)
-        return {name: reports[name] for name in self.config.databases}
+    def __init__(self) -> None:
+        self.started = anyio.Event()
+        self.stop = anyio.Event()
+        self.done = anyio.Event()
 
 
 class _NewPoolLease:
-    """``get_connection`` with a config not seen yet: make its pool on entering."""
+    """``get_connection`` with a config not seen yet (its pool is made on entering), or a
+    database added at run time whose pool is not open yet (entering waits for it)."""
 
     __slots__ = ("_connector", "_database", "_lease", "_timeout")
 
     def __init__(
-        self, connector: DatabaseConnector, database: DatabaseConfig, timeout: float | None
+        self, connector: DatabaseConnector, database: Target, timeout: float | None
     ) -> None:
         self._connector = connector
         self._database = database
@@ -452,17 +398,6 @@ class _NewPoolLease:
         if lease is not None:
             # The pool's return is shielded and bounded by cancel_grace.
             await lease.__aexit__(exc_type, exc, tb)  # noqa: ASYNC102
-
-
-async def _verify_into(
-    connector: DatabaseConnector,
-    name: str,
-    reports: dict[str, ConnectionReport],
-    on_report: Callable[[str, ConnectionReport], object] | None,
-) -> None:
-    reports[name] = report = await connector.verify_connection(name)
-    if on_report is not None:
-        on_report(name, report)
 
 
 class _WarmUp:

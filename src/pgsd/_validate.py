@@ -8,7 +8,9 @@ is never shown.
 from __future__ import annotations
 
 import math
+import re
 import reprlib
+from collections.abc import Iterable
 
 from ._dsn import libpq_text_problem
 from ._errors import ConfigError
@@ -21,6 +23,7 @@ __all__ = [
     "check_optional_str",
     "check_password",
     "check_positive",
+    "check_sqlstates",
     "check_str",
     "number_text",
     "short_repr",
@@ -120,3 +123,26 @@ def check_libpq_text(key: str, value: object) -> None:
 
 def check_positive(key: str, value: object) -> float:
     return check_number(key, value, minimum=0, exclusive=True)
+
+
+_SQLSTATE = re.compile(r"[0-9A-Z]{2}(?:[0-9A-Z]{3})?")
+
+
+def check_sqlstates(key: str, value: object) -> tuple[str, ...]:
+    """A tuple of SQLSTATE codes or classes, upper-cased; `ConfigError` otherwise."""
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ConfigError(
+            f"must be a list of SQLSTATE codes or classes, got {short_repr(value)}",
+            key=key,
+        )
+    codes = []
+    for code in value:
+        text = code.upper() if isinstance(code, str) else code
+        if not isinstance(text, str) or not _SQLSTATE.fullmatch(text):
+            raise ConfigError(
+                "each must be a SQLSTATE code (5 letters or digits, like '57P01') or a class"
+                f" (2, like '08'), got {short_repr(code)}",
+                key=key,
+            )
+        codes.append(text)
+    return tuple(codes)
