@@ -26,6 +26,7 @@ EXPECTED = {
     "DatabaseConfig",
     "DatabaseConnector",
     "DatabaseNotFound",
+    "Histogram",
     "InsufficientPrivileges",
     "MIN_SERVER_VERSION",
     "OutcomeUnknown",

@@ -335,3 +335,50 @@ def test_evict_sqlstates_in_a_file(tmp_path: Any) -> None:
     path = tmp_path / "pgsd.toml"
     path.write_text('[pool]\nevict_sqlstates = ["08", "xx001"]\n[databases.a]\nhost = "h"\n')
     assert pgsd.load_config(path).pool.evict_sqlstates == ("08", "XX001")
+
+
+# -- distributions ------------------------------------------------------------------------
+
+
+async def test_wait_use_and_connect_times_are_histograms(pg_server: PostgresServer) -> None:
+    async with open_pool(db_config(pg_server), min_size=1, max_size=1) as pool:
+        await pool.wait_ready()
+        for _ in range(3):
+            async with pool.connection():
+                pass  # served at once: a wait of 0
+        hold = 0.2
+
+        async def holder(started: anyio.Event) -> None:
+            async with pool.connection():
+                started.set()
+                await anyio.sleep(hold)  # the duration measured, not a synchronisation
+
+        started = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder, started)
+            await started.wait()
+            async with pool.connection():  # waits for the holder's connection
+                pass
+        stats = pool.stats()
+    wait, use, connect = stats.wait_time, stats.use_time, stats.connect_time
+    assert wait.count == stats.acquires == 5
+    assert wait.counts[0] >= 4  # the four served at once, in the first bucket
+    assert wait.quantile(1.0) >= hold / 2  # the one that waited for the holder
+    assert use.count == 5
+    assert use.sum >= hold
+    assert use.quantile(1.0) >= hold
+    assert connect.count == stats.connections_opened >= 1
+    assert 0 < connect.sum < BOUND
+
+
+def test_a_histograms_quantile_is_its_buckets_bound() -> None:
+    from pgsd._stats import BUCKETS
+
+    counts = [0] * (len(BUCKETS) + 1)
+    counts[1], counts[4], counts[-1] = 90, 9, 1  # <= 1 ms, <= 10 ms, above 30 s
+    histogram = pgsd.Histogram(BUCKETS, tuple(counts), 40.0)
+    assert histogram.count == 100
+    assert histogram.quantile(0.5) == 0.001
+    assert histogram.quantile(0.99) == 0.01
+    assert histogram.quantile(1.0) == float("inf")
+    assert pgsd.Histogram(BUCKETS, (0,) * len(counts), 0.0).quantile(0.99) == 0.0

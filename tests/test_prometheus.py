@@ -7,13 +7,15 @@ import importlib
 import sys
 import typing
 from collections.abc import Mapping
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import pgsd.prometheus
-from pgsd import PoolState, PoolStats
+from pgsd import Histogram, PoolState, PoolStats
+from pgsd._stats import BUCKETS
 from pgsd.prometheus import PoolCollector, register
 
 SampleKey = tuple[str, frozenset[tuple[str, str]]]
@@ -51,13 +53,29 @@ COUNTERS = {
 }
 
 
+HISTOGRAMS = {
+    "wait_time": "pgsd_pool_acquire_wait_seconds",
+    "use_time": "pgsd_pool_use_seconds",
+    "connect_time": "pgsd_pool_connect_seconds",
+}
+
+
+def histogram(seed: int) -> Histogram:
+    """A distinctive histogram: *seed* in the first bucket, 1 in the third, 2 above the last."""
+    counts = [0] * (len(BUCKETS) + 1)
+    counts[0], counts[2], counts[-1] = seed, 1, 2
+    return Histogram(BUCKETS, tuple(counts), seed + 100.25)
+
+
 def make_stats(name: str = "app", state: PoolState = "up", **numbers: float) -> PoolStats:
     """A snapshot whose every number differs from the others, so mix-ups show."""
-    values: dict[str, float] = {}
+    values: dict[str, Any] = {}
     for i, field in enumerate(NUMERIC_FIELDS, start=1):
         values[field] = i + 0.5 if typing.get_type_hints(PoolStats)[field] is float else i
+    for i, field in enumerate(HISTOGRAMS, start=1):
+        values[field] = histogram(i)
     values.update(numbers)
-    return PoolStats(name=name, state=state, **values)  # type: ignore[arg-type]
+    return PoolStats(name=name, state=state, **values)
 
 
 class FakeSource:
@@ -98,6 +116,19 @@ def test_every_pool_stats_field_is_exported_exactly_once() -> None:
     all_fields = {f.name for f in dataclasses.fields(PoolStats)}
     assert set(exported) | pgsd.prometheus._LABEL_FIELDS == all_fields
     assert set(exported) == set(NUMERIC_FIELDS)
+
+
+def test_histograms_have_cumulative_buckets_a_sum_and_a_count() -> None:
+    text = exposition(FakeSource(make_stats("app")))
+    found = samples(text)
+    for i, (field, name) in enumerate(HISTOGRAMS.items(), start=1):
+        assert found[key(f"{name}_bucket", database="app", le="0.0005")] == i
+        assert found[key(f"{name}_bucket", database="app", le="0.001")] == i
+        assert found[key(f"{name}_bucket", database="app", le="0.0025")] == i + 1
+        assert found[key(f"{name}_bucket", database="app", le="30.0")] == i + 1
+        assert found[key(f"{name}_bucket", database="app", le="+Inf")] == i + 3
+        assert found[key(f"{name}_count", database="app")] == i + 3
+        assert found[key(f"{name}_sum", database="app")] == i + 100.25, field
 
 
 def test_the_tests_name_a_metric_for_every_numeric_field() -> None:

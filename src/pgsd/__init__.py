@@ -34,6 +34,7 @@ from ._permissions import check_permissions as check_permissions
 from ._permissions import require_permissions as require_permissions
 from ._pool import ConnectionPool as ConnectionPool
 from ._reports import ConnectionReport as ConnectionReport
+from ._stats import Histogram as Histogram
 from ._stats import PoolState as PoolState
 from ._stats import PoolStats as PoolStats
 from ._version import MIN_SERVER_VERSION as MIN_SERVER_VERSION
@@ -56,6 +57,7 @@ __all__ = [
     "DatabaseConfig",
     "DatabaseConnector",
     "DatabaseNotFound",
+    "Histogram",
     "InsufficientPrivileges",
     "OutcomeUnknown",
     "PasswordCommand",

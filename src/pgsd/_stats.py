@@ -2,10 +2,78 @@
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
-__all__ = ["PoolCounters", "PoolState", "PoolStats"]
+__all__ = ["BUCKETS", "Histogram", "PoolCounters", "PoolState", "PoolStats"]
+
+#: The upper bounds (seconds, inclusive) of every histogram's buckets; one
+#: more bucket holds what lies above the last. Fixed, so that dashboards can
+#: add histograms across pools and processes.
+BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Histogram:
+    """A distribution of durations in seconds, in the fixed `BUCKETS`.
+
+    Attributes:
+        bounds: the buckets' upper bounds (`BUCKETS`).
+        counts: how many durations fell in each bucket (not cumulative):
+            ``counts[i]`` those above ``bounds[i - 1]`` and at most
+            ``bounds[i]``; the last, one more than the bounds, those above
+            the last bound.
+        sum: the durations' total.
+    """
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum: float
+
+    @property
+    def count(self) -> int:
+        """How many durations were recorded."""
+        return sum(self.counts)
+
+    def quantile(self, q: float) -> float:
+        """An upper bound on the *q* quantile (0 to 1): its bucket's bound.
+
+        0.0 when nothing was recorded; infinity when it lies above the
+        last bound.
+        """
+        total = self.count
+        if total == 0:
+            return 0.0
+        rank = max(1, math.ceil(q * total))
+        seen = 0
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            seen += count
+            if seen >= rank:
+                return bound
+        return math.inf
+
+
+def _empty() -> list[int]:
+    return [0] * (len(BUCKETS) + 1)
+
 
 #: ``opening``: no connection attempt has finished yet; ``up``: the last one
 #: succeeded; ``down``: the last one failed and the pool is retrying;
@@ -48,6 +116,11 @@ class PoolStats:
             (gauge).
         pipeline_depth_max: the most one-shot statements in flight on one
             connection at once.
+        wait_time: how long acquires waited for a connection (those served
+            at once count as 0), as a `Histogram`.
+        use_time: how long lent connections were held, from lending to
+            their return.
+        connect_time: how long opening each new connection took.
     """
 
     name: str
@@ -72,6 +145,9 @@ class PoolStats:
     statements: int
     statements_in_flight: int
     pipeline_depth_max: int
+    wait_time: Histogram
+    use_time: Histogram
+    connect_time: Histogram
 
 
 class PoolCounters:
@@ -80,6 +156,8 @@ class PoolCounters:
     __slots__ = (
         "acquires",
         "closed",
+        "connect_counts",
+        "connect_sum",
         "depth_max",
         "errors",
         "leaks",
@@ -88,8 +166,13 @@ class PoolCounters:
         "reconnects",
         "statements",
         "timeouts",
+        "use_counts",
+        "use_quick",
+        "use_sum",
+        "wait_counts",
         "wait_max",
         "wait_total",
+        "waits",
     )
 
     def __init__(self) -> None:
@@ -105,12 +188,34 @@ class PoolCounters:
         self.leaks = 0
         self.statements = 0
         self.depth_max = 0
+        #: Bucket counts of the acquires that waited (those served at once are
+        #: ``acquires - waits``, added to the first bucket in a snapshot).
+        self.wait_counts = _empty()
+        self.waits = 0
+        #: Bucket counts and sum of use times; the hot path bumps them itself.
+        self.use_counts = _empty()
+        self.use_quick = 0  # holds within the first bucket, counted apart on the hot path
+        self.use_sum = 0.0
+        self.connect_counts = _empty()
+        self.connect_sum = 0.0
 
     def waited(self, seconds: float) -> None:
         """Count one acquire's wait."""
         self.wait_total += seconds
         if seconds > self.wait_max:
             self.wait_max = seconds
+        self.wait_counts[bisect_left(BUCKETS, seconds)] += 1
+        self.waits += 1
+
+    def used(self, seconds: float) -> None:
+        """Count how long a connection was held (the hot path inlines this)."""
+        self.use_counts[bisect_left(BUCKETS, seconds)] += 1
+        self.use_sum += seconds
+
+    def connected(self, seconds: float) -> None:
+        """Count how long opening a connection took."""
+        self.connect_counts[bisect_left(BUCKETS, seconds)] += 1
+        self.connect_sum += seconds
 
     def snapshot(
         self,
@@ -149,4 +254,17 @@ class PoolCounters:
             statements=self.statements,
             statements_in_flight=in_flight,
             pipeline_depth_max=self.depth_max,
+            wait_time=self._wait_histogram(),
+            use_time=self._use_histogram(),
+            connect_time=Histogram(BUCKETS, tuple(self.connect_counts), self.connect_sum),
         )
+
+    def _use_histogram(self) -> Histogram:
+        counts = list(self.use_counts)
+        counts[0] += self.use_quick
+        return Histogram(BUCKETS, tuple(counts), self.use_sum)
+
+    def _wait_histogram(self) -> Histogram:
+        counts = list(self.wait_counts)
+        counts[0] += max(0, self.acquires - self.waits)  # served at once: no wait
+        return Histogram(BUCKETS, tuple(counts), self.wait_total)

@@ -13,7 +13,10 @@ counters gain ``_total`` (``pgsd_pool_acquires_total``...). The time spent
 waiting is ``pgsd_pool_wait_seconds_total``, the longest wait
 ``pgsd_pool_wait_seconds_max``. The state is ``pgsd_pool_up`` (1 when up)
 and ``pgsd_pool_state{state="..."}``, 1 for the current state and 0 for the
-others, so that a state change never leaves a stale series behind.
+others, so that a state change never leaves a stale series behind. The
+distributions are histograms with fixed buckets (`pgsd.PoolStats`):
+``pgsd_pool_acquire_wait_seconds``, ``pgsd_pool_use_seconds`` and
+``pgsd_pool_connect_seconds`` (each with ``_bucket``, ``_sum``, ``_count``).
 
 This module needs ``prometheus_client``: ``pip install "pgsd[prometheus]"``.
 """
@@ -26,14 +29,20 @@ from dataclasses import dataclass
 from typing import Final, Literal, Protocol, get_args
 
 try:
-    from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+    from prometheus_client.metrics_core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        Metric,
+    )
     from prometheus_client.registry import REGISTRY, CollectorRegistry
+    from prometheus_client.utils import floatToGoString
 except ImportError as exc:
     raise ImportError(
         'pgsd.prometheus needs prometheus_client: pip install "pgsd[prometheus]"'
     ) from exc
 
-from ._stats import PoolState, PoolStats
+from ._stats import Histogram, PoolState, PoolStats
 
 __all__ = ["PoolCollector", "StatsSource", "register"]
 
@@ -99,9 +108,17 @@ _EXPORTS: Final = (
     ),
 )
 
+#: The PoolStats histograms, each a Prometheus histogram: field, name
+#: suffix, documentation.
+_HISTOGRAMS: Final = (
+    ("wait_time", "acquire_wait_seconds", "How long acquires waited for a connection."),
+    ("use_time", "use_seconds", "How long lent connections were held."),
+    ("connect_time", "connect_seconds", "How long opening a new connection took."),
+)
 #: PoolStats fields that are not one number each: ``name`` becomes the
-#: ``database`` label, ``state`` the ``up`` and ``state`` gauges.
-_LABEL_FIELDS: Final = frozenset({"name", "state"})
+#: ``database`` label, ``state`` the ``up`` and ``state`` gauges; the
+#: histograms are in `_HISTOGRAMS`.
+_LABEL_FIELDS: Final = frozenset({"name", "state"} | {field for field, _, _ in _HISTOGRAMS})
 
 _STATES: Final[tuple[PoolState, ...]] = get_args(PoolState)
 
@@ -155,6 +172,13 @@ class PoolCollector:
                 state.add_metric([stats.name, name], 1 if stats.state == name else 0)
         yield up
         yield state
+        for field, suffix, documentation in _HISTOGRAMS:
+            histogram = HistogramMetricFamily(
+                self._name(suffix), documentation, labels=["database"]
+            )
+            for stats in pools:
+                _add_histogram(histogram, stats.name, getattr(stats, field))
+            yield histogram
 
     def _families(self) -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
         """Empty families keyed by PoolStats field, then ``up`` and ``state``."""
@@ -174,13 +198,24 @@ class PoolCollector:
         )
         families["state"] = GaugeMetricFamily(
             self._name("state"),
-            "1 for the pool's current state (opening, up, down or closed), else 0.",
+            "1 for the pool's current state (opening, up, down, paused or closed), else 0.",
             labels=["database", "state"],
         )
         return families
 
     def _name(self, suffix: str) -> str:
         return "_".join(part for part in (self.namespace, "pool", suffix) if part)
+
+
+def _add_histogram(family: HistogramMetricFamily, database: str, histogram: Histogram) -> None:
+    """One pool's histogram as Prometheus buckets: cumulative counts, ``+Inf`` last."""
+    buckets: list[tuple[str, float]] = []
+    seen = 0
+    for bound, count in zip(histogram.bounds, histogram.counts, strict=False):
+        seen += count
+        buckets.append((floatToGoString(bound), seen))  # type: ignore[no-untyped-call]
+    buckets.append(("+Inf", histogram.count))
+    family.add_metric([database], buckets, histogram.sum)
 
 
 def register(

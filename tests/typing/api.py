@@ -120,3 +120,27 @@ def handling(exc: Exception) -> None:
     if isinstance(exc, pgsd.UnsupportedServerVersion):
         assert_type(exc.version_num, int)
     assert_type(issubclass(pgsd.PoolTimeout, pgsd.PgsdError), bool)
+
+
+async def operating(pool: pgsd.ConnectionPool, connector: pgsd.DatabaseConnector) -> None:
+    async def token(config: pgsd.DatabaseConfig) -> str:
+        return config.user or ""
+
+    def vault(config: pgsd.DatabaseConfig) -> str:
+        return "x"
+
+    pgsd.DatabaseConfig(host="h", password_provider=token)
+    pgsd.DatabaseConfig(host="h", password_provider=vault)
+    pgsd.DatabaseConfig(host="h", password_provider=pgsd.PasswordCommand(["vault", "read"]))
+    assert_type(await pool.drain(), int)
+    pool.resize(min_size=1, max_size=10)
+    pool.pause()
+    pool.resume()
+    pgsd.PoolConfig(evict_sqlstates=["08", "XX001"])
+    stats = pool.stats()
+    assert_type(stats.wait_time, pgsd.Histogram)
+    assert_type(stats.use_time.quantile(0.99), float)
+    assert_type(stats.connect_time.counts, tuple[int, ...])
+    connector.add_database("audit", pgsd.DatabaseConfig(host="h"))
+    await connector.remove_database("audit")
+    await connector.reload(pgsd.load_config("pgsd.toml"))

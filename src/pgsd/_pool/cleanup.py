@@ -31,6 +31,7 @@ async def release(pool: ConnectionPool, entry: Entry, exc: BaseException | None)
     conn = entry.conn
     if exc is None and pool._return_now(entry):
         return
+    pool._counters.used(pool._now() - entry.lent_at)
     if conn.unsettled and pool._task_group is not None:
         # The borrower was cancelled mid-query: cancel it on the server in
         # the pool's own task, so that the borrower is not held up.

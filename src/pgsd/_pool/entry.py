@@ -51,6 +51,7 @@ class Entry:
         "expires",
         "last_used",
         "leak_reported",
+        "lent_at",
         "pipeline",
         "retired",
         "stack",
@@ -65,5 +66,6 @@ class Entry:
         self.borrowed_at = 0.0
         self.stack: traceback.StackSummary | None = None
         self.leak_reported = False
+        self.lent_at = now  # when it was last lent (the use-time histogram)
         self.pipeline: Any = None  # a `Pipeline` while one-shot statements use it
         self.retired = False  # drained: closed instead of lent again

@@ -79,6 +79,7 @@ class Filler:
             while not pool._closed and not pool._paused:
                 if availability.state == "down":
                     pool._counters.reconnects += 1
+                started = pool._now()
                 try:
                     conn = await self._connect()
                 except Exception as ex:
@@ -90,6 +91,7 @@ class Filler:
                         return
                     await anyio.sleep(availability.backoff.next_delay())
                     continue
+                pool._counters.connected(pool._now() - started)
                 self.opening -= 1
                 added = True
                 self._add(conn)

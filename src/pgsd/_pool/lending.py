@@ -65,8 +65,9 @@ async def acquire(
         break
     counters = pool._counters
     counters.acquires += 1
+    entry.lent_at = now = pool._now()
     if waited:
-        counters.waited(pool._now() - start)
+        counters.waited(now - start)
     if pool._track_stacks:
         entry.borrowed_at = pool._now()
         entry.stack = traceback.StackSummary.from_list(traceback.extract_stack()[:-2])
