@@ -11,6 +11,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, assert_type
 
+import anyio.lowlevel
 from psycopg.rows import DictRow, TupleRow, dict_row
 
 import pgsd
@@ -124,6 +125,7 @@ def handling(exc: Exception) -> None:
 
 async def operating(pool: pgsd.ConnectionPool, connector: pgsd.DatabaseConnector) -> None:
     async def token(config: pgsd.DatabaseConfig) -> str:
+        await anyio.lowlevel.checkpoint()
         return config.user or ""
 
     def vault(config: pgsd.DatabaseConfig) -> str:
