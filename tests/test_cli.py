@@ -261,3 +261,75 @@ def test_the_version_is_written_once_in_pyproject(tmp_path: Path) -> None:
     copies = [path.name for path in sources if f'"{written}"' in path.read_text()]
     assert copies == []
     assert run_pgsd("--version", cwd=tmp_path).stdout.strip() == f"pgsd {written}"
+
+
+# -- pgsd check --watch ------------------------------------------------------------
+
+#: Refreshes read before stopping the watch.
+WATCH_LINES = 3
+
+
+def _watching(args: list[str], cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pgsd", "check", *args],
+        cwd=cwd,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    try:
+        proc.send_signal(signal.SIGINT)
+        return proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_watch_json_prints_one_document_per_refresh_until_ctrl_c(
+    pg_server: PostgresServer, tmp_path: Path, backend: str
+) -> None:
+    proc = _watching(["--watch", "0.1", "--json", "--backend", backend, pg_server.dsn()], tmp_path)
+    try:
+        assert proc.stdout is not None
+        # Each line comes within the watch interval.
+        documents = [json.loads(proc.stdout.readline()) for _ in range(WATCH_LINES)]
+    finally:
+        _, err = _stop(proc)
+    assert proc.returncode == 0, err  # Ctrl-C ends a watch, not an error
+    assert "Traceback" not in err
+    for document in documents:
+        [pool] = document["pools"].values()
+        assert pool["state"] == "up"
+        assert pool["size"] >= 1
+        assert set(pool) >= {"max_size", "in_use", "idle", "waiting", "wait_p99_ms"}
+        assert pool["wait_p99_ms"] is None or pool["wait_p99_ms"] >= 0
+
+
+def test_watch_shows_the_checks_then_the_live_table(
+    pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    proc = _watching(["--watch", "0.1", pg_server.dsn()], tmp_path)
+    try:
+        assert proc.stdout is not None
+        seen = ""
+        for _ in range(200):  # bounded: a line at a time until the live table shows
+            seen += proc.stdout.readline()
+            if "wait p99" in seen:
+                break
+    finally:
+        out, err = _stop(proc)
+    assert proc.returncode == 0, err
+    assert "pgsd check (asyncio)" in seen  # the checks' table first
+    assert "wait p99" in seen + out
+
+
+def test_watch_refuses_a_bad_interval(tmp_path: Path) -> None:
+    result = run_pgsd("check", "--watch", "0", "postgresql://127.0.0.1:1/x", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--watch takes a positive number" in result.stderr

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -284,8 +284,13 @@ async def run_checks(
     backend: str,
     on_report: Callable[[str, ConnectionReport], object] | None = None,
     demo: bool = False,
+    then: Callable[[DatabaseConnector, CheckResult], Awaitable[object]] | None = None,
 ) -> CheckResult:
-    """Verify every database concurrently, then run a short burst through each pool."""
+    """Verify every database concurrently, then run a short burst through each pool.
+
+    *then* is awaited with the connector, still open, and the result
+    (``--watch``).
+    """
     async with DatabaseConnector(config) as connector:
         reports = await connector.verify_all(on_report=on_report)
         bursts: dict[str, BurstResult] = {}
@@ -294,11 +299,14 @@ async def run_checks(
                 if report.host is not None:  # reached the server
                     task_group.start_soon(_burst_into, connector, name, bursts)
         stats = connector.stats()
-    checks = tuple(
-        DatabaseCheck(report=reports[name], burst=bursts.get(name), stats=stats.get(name))
-        for name in reports
-    )
-    return CheckResult(backend=backend, databases=checks, demo=demo)
+        checks = tuple(
+            DatabaseCheck(report=reports[name], burst=bursts.get(name), stats=stats.get(name))
+            for name in reports
+        )
+        result = CheckResult(backend=backend, databases=checks, demo=demo)
+        if then is not None:
+            await then(connector, result)
+    return result
 
 
 async def _burst_into(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -22,8 +23,10 @@ from rich.table import Table
 from . import __version__
 from ._check import CheckResult, DatabaseCheck, choose_config, embedded_demo, run_checks
 from ._config import ConnectorConfig
+from ._connector import DatabaseConnector
 from ._errors import ConfigError
 from ._reports import ConnectionReport
+from ._watch import watch
 
 __all__ = ["main"]
 
@@ -61,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PRIV",
         help="require a privilege on every database (e.g. schema:public:USAGE)",
     )
+    check.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        type=float,
+        metavar="SECONDS",
+        help="after the checks, show the pools every SECONDS (default 2) until Ctrl-C;"
+        " with --json, one document per line and refresh",
+    )
     check.add_argument("-v", "--verbose", action="store_true", help="debug logging to stderr")
     return parser
 
@@ -86,6 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    if args.watch is not None and not (args.watch > 0 and math.isfinite(args.watch)):
+        print(
+            f"pgsd check: --watch takes a positive number of seconds, got {args.watch:g}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     try:
         config = choose_config(
             config_path=args.config,
@@ -118,7 +136,8 @@ def _check(args: argparse.Namespace) -> int:
                 f"pgsd check: nothing to check and no local server to start: {ex}", file=sys.stderr
             )
             return EXIT_USAGE
-    _print(result, as_json=args.json)
+    if args.watch is None:
+        _print(result, as_json=args.json)
     return result.exit_code()
 
 
@@ -139,8 +158,19 @@ def _run(config: ConnectorConfig, args: argparse.Namespace, *, demo: bool) -> Ch
             status = "ok" if report.ok else "failed"
             progress.update(tasks[name], completed=1, description=f"{name}: {status}")
 
+        then = None
+        if args.watch is not None:
+
+            async def then(connector: DatabaseConnector, result: CheckResult) -> None:
+                progress.stop()
+                if not args.json:
+                    _print(result, as_json=False)  # the checks first, then the live table
+                await watch(connector, args.watch, as_json=args.json)
+
         return anyio.run(
-            lambda: run_checks(config, backend=args.backend, on_report=on_report, demo=demo),
+            lambda: run_checks(
+                config, backend=args.backend, on_report=on_report, demo=demo, then=then
+            ),
             backend=args.backend,
         )
 
