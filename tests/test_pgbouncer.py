@@ -82,6 +82,22 @@ async def poll_running(server: PostgresServer, account: Account, text: str, want
     raise AssertionError(f"never {want} backends running {text!r}")
 
 
+def servers_of(bouncer: PgBouncer) -> list[dict[str, Any]]:
+    """PgBouncer's SHOW SERVERS: every server connection it holds, in any pool."""
+    return list(bouncer.admin("SHOW SERVERS"))
+
+
+async def activity(server: PostgresServer, application_name: str) -> list[tuple[Any, ...]]:
+    """The server's backends with this application_name: pid, start, state, query."""
+    async with await pgsd.connect(server.dsn()) as observer:
+        cur = await observer.execute(
+            "SELECT pid, backend_start, state, left(query, 60) FROM pg_stat_activity"
+            " WHERE application_name = %s",
+            [application_name],
+        )
+        return await cur.fetchall()
+
+
 def pool_row(bouncer: PgBouncer, account: Account) -> dict[str, Any]:
     """The SHOW POOLS row of the account's pool."""
     for row in bouncer.admin("SHOW POOLS"):
@@ -238,6 +254,7 @@ async def test_transaction_mode_serves_many_clients_over_fewer_server_connection
         config = bouncer_config(bouncer, account, prepare_threshold=None)
         pool_rows: list[dict[str, Any]] = []
         backends: list[int] = []
+        extra_seen: list[Any] = []
         async with open_pool(config, min_size=clients, max_size=clients) as pool:
             await pool.wait_ready(30)
 
@@ -255,7 +272,11 @@ async def test_transaction_mode_serves_many_clients_over_fewer_server_connection
                 while not done.is_set() and len(backends) < 200:
                     pool_rows.append(await anyio.to_thread.run_sync(pool_row, bouncer, account))
                     # PgBouncer gives each server connection its client's application_name.
-                    backends.append(await server_connections(pg_server, config.application_name))
+                    count = await server_connections(pg_server, config.application_name)
+                    backends.append(count)
+                    if count > servers and not extra_seen:  # which ones, for the failure
+                        extra_seen.append(await activity(pg_server, config.application_name))
+                        extra_seen.append(await anyio.to_thread.run_sync(servers_of, bouncer))
 
             done = anyio.Event()
             with anyio.fail_after(60):
@@ -273,7 +294,7 @@ async def test_transaction_mode_serves_many_clients_over_fewer_server_connection
     assert backends
     assert max(sum(row[state] for state in _SERVER_STATES) for row in pool_rows) <= servers
     assert max(row["cl_active"] + row["cl_waiting"] for row in pool_rows) == clients
-    assert max(backends) <= servers
+    assert max(backends) <= servers, extra_seen
 
 
 async def test_transaction_mode_shares_session_state_between_clients(
