@@ -34,7 +34,15 @@ LAYERS: dict[str, set[str]] = {
     "connection": {"_internals", "_driver", "_attempts", "_connection"},
     "pool": {"_pool"},
     "connector": {"_reports", "_verifying", "_runtime", "_connector"},
-    "interface": {"_check", "_watch", "_cli", "__main__", "prometheus", "__init__"},
+    "interface": {
+        "_check",
+        "_watch",
+        "_cli",
+        "__main__",
+        "prometheus",
+        "opentelemetry",
+        "__init__",
+    },
 }
 #: No module over this many lines, no class over CLASS_LINES.
 MODULE_LINES = 600

@@ -9,6 +9,7 @@ require, and no pool outlives ``async with connector``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, Self
@@ -125,6 +126,8 @@ class DatabaseConnector(_OneShotByName, RunTimeDatabases, Verifying):
         # config without its name, so that an equal config finds its pool
         # whatever name it carries.
         self._by_config: dict[DatabaseConfig, ConnectionPool] = {}
+        #: Called with every pool made from now on (`pgsd.opentelemetry`).
+        self._pool_hooks: list[Callable[[ConnectionPool], None]] = []
         for name, database in config.databases.items():
             self._pools[name] = pool = self._make_pool(name, database, config.pool_config(name))
             self._register(pool, database)
@@ -223,13 +226,16 @@ class DatabaseConnector(_OneShotByName, RunTimeDatabases, Verifying):
     def _make_pool(
         self, name: str, database: DatabaseConfig, pool_config: PoolConfig | None
     ) -> ConnectionPool:
-        return ConnectionPool(
+        pool = ConnectionPool(
             database,
             pool_config,
             name=name,
             on_down=self._pool_down,
             on_recovered=self._on_recovered,
         )
+        for hook in self._pool_hooks:
+            hook(pool)
+        return pool
 
     def _register(self, pool: ConnectionPool, database: DatabaseConfig) -> None:
         self._by_config.setdefault(database, pool)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 __all__ = ["BUCKETS", "Histogram", "PoolCounters", "PoolState", "PoolStats"]
 
@@ -162,6 +162,7 @@ class PoolCounters:
         "errors",
         "leaks",
         "lost",
+        "observer",
         "opened",
         "reconnects",
         "statements",
@@ -198,6 +199,9 @@ class PoolCounters:
         self.use_sum = 0.0
         self.connect_counts = _empty()
         self.connect_sum = 0.0
+        #: Told of each wait, use and connect time while the pool is
+        #: instrumented (`pgsd.opentelemetry`); None otherwise.
+        self.observer: Any = None
 
     def waited(self, seconds: float) -> None:
         """Count one acquire's wait."""
@@ -211,11 +215,15 @@ class PoolCounters:
         """Count how long a connection was held (the hot path inlines this)."""
         self.use_counts[bisect_left(BUCKETS, seconds)] += 1
         self.use_sum += seconds
+        if self.observer is not None:
+            self.observer.used(seconds)
 
     def connected(self, seconds: float) -> None:
         """Count how long opening a connection took."""
         self.connect_counts[bisect_left(BUCKETS, seconds)] += 1
         self.connect_sum += seconds
+        if self.observer is not None:
+            self.observer.connected(seconds)
 
     def snapshot(
         self,

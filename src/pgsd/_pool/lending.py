@@ -68,6 +68,8 @@ async def acquire(
     entry.lent_at = now = pool._now()
     if waited:
         counters.waited(now - start)
+    if counters.observer is not None:
+        counters.observer.waited(now - start if waited else 0.0)
     if pool._track_stacks:
         entry.borrowed_at = pool._now()
         entry.stack = traceback.StackSummary.from_list(traceback.extract_stack()[:-2])
