@@ -39,6 +39,11 @@ MARK = "Pw7qK9"
 SECRET = f"{MARK} x'y\"@z/%"
 
 CLI_TIMEOUT = 120
+#: A password command that prints the secret, complains with it, and fails.
+COMMAND_FAILING = (
+    "import os, sys; p = os.environ['KEEPER_PASSWORD']; print(p);"
+    " sys.stderr.write('vault refused ' + p); sys.exit(1)"
+)
 
 
 def exposed(text: str) -> bool:
@@ -368,6 +373,21 @@ dsn = "{url(pg_server, keeper, SECRET, dbname="no_such_db")}"
 
 [databases.tls_refused]
 dsn = "{url(pg_server, keeper, SECRET)}?sslmode=require"
+
+[databases.from_command]
+host = "{pg_server.host}"
+port = {pg_server.port}
+dbname = "postgres"
+user = "{keeper}"
+password_command = {json.dumps([sys.executable, "-c", "import os; print(os.environ['KEEPER_PASSWORD'])"])}
+
+[databases.command_failing]
+host = "{pg_server.host}"
+port = {pg_server.port}
+dbname = "postgres"
+user = "{keeper}"
+password_command = {json.dumps([sys.executable, "-c", COMMAND_FAILING])}
+connect_timeout = 2  # retried until then: a failing provider is an attempt like any other
 """
     )
     env = clean_env(KEEPER_PASSWORD=SECRET)
@@ -378,7 +398,9 @@ dsn = "{url(pg_server, keeper, SECRET)}?sslmode=require"
     if form == "json":
         by_name = {db["name"]: db for db in json.loads(result.stdout)["databases"]}
         assert by_name["from_env"]["ok"] is True
+        assert by_name["from_command"]["ok"] is True
         assert not by_name["wrong_inline"]["ok"]
+        assert "exited with status 1" in by_name["command_failing"]["error"]
     assert not exposed(result.stdout), "the password shows on stdout"
     assert not exposed(result.stderr), "the password shows on stderr"
 
