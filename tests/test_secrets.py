@@ -39,6 +39,8 @@ MARK = "Pw7qK9"
 SECRET = f"{MARK} x'y\"@z/%"
 
 CLI_TIMEOUT = 120
+#: A password command that prints the secret (from the environment).
+COMMAND_PRINTING = "import os; print(os.environ['KEEPER_PASSWORD'])"
 #: A password command that prints the secret, complains with it, and fails.
 COMMAND_FAILING = (
     "import os, sys; p = os.environ['KEEPER_PASSWORD']; print(p);"
@@ -379,7 +381,7 @@ host = "{pg_server.host}"
 port = {pg_server.port}
 dbname = "postgres"
 user = "{keeper}"
-password_command = {json.dumps([sys.executable, "-c", "import os; print(os.environ['KEEPER_PASSWORD'])"])}
+password_command = {json.dumps([sys.executable, "-c", COMMAND_PRINTING])}
 
 [databases.command_failing]
 host = "{pg_server.host}"
