@@ -184,6 +184,16 @@ async def wait_until_gone(server: PostgresServer, application_name: str) -> None
     raise AssertionError(f"server connections of {application_name} did not go away")
 
 
+async def terminate_all(server: PostgresServer, application_name: str) -> None:
+    """Terminate every backend of *application_name* and wait until they are gone."""
+    server.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+        [application_name],
+    )
+    # pg_terminate_backend only signals: wait until the backends have gone.
+    await wait_until_gone(server, application_name)
+
+
 class Watch:
     """Samples a pool until stopped: its server connections, and its statistics.
 

@@ -20,7 +20,13 @@ from psycopg.rows import dict_row
 
 import pgsd
 from pgsd.testing import PostgresServer
-from support import CancelWhenRunning, assert_invariants, db_config, open_pool, server_connections
+from support import (
+    CancelWhenRunning,
+    assert_invariants,
+    db_config,
+    open_pool,
+    server_connections,
+)
 
 pytestmark = pytest.mark.anyio
 

@@ -28,7 +28,7 @@ from psycopg.rows import RowFactory, tuple_row
 
 from .._errors import PoolClosed, evicts
 from .entry import Entry
-from .lending import acquire
+from .lending import acquire, worth_checking
 from .pipeline import Pipeline, Statement, rowcount
 from .room import grant_room, read_until, send, start
 
@@ -152,12 +152,19 @@ def _leave(pool: ConnectionPool, statement: Statement) -> None:
 
 
 def _with_room(pool: ConnectionPool) -> Entry | None:
-    """An idle connection, else the least loaded pipeline with room; none while others queue."""
+    """An idle connection, else the least loaded pipeline with room; none while others queue.
+
+    None, too, for an idle connection that needs a check before use (it sat
+    idle, or heard from the server): the queue's path checks it, and a dead
+    one is replaced unseen instead of failing the statement.
+    """
     if pool._closed:
         raise PoolClosed(f"pool {pool.name!r} is closed")
     if pool._waiters.count or pool._paused:
         return None  # FIFO: queue behind them (or until the pool resumes)
     if pool._idle:
+        if worth_checking(pool._idle[-1], pool._now(), pool._ping_after_idle):
+            return None  # checked first on the way through the queue, as for a borrower
         entry = pool._idle.pop()
         start(pool, entry)
         return entry
