@@ -341,16 +341,26 @@ async def test_reports_of_every_kind_of_database(
 # -- pgsd check ---------------------------------------------------------------------
 
 
-def keeper_table(name: str, server: PostgresServer, keeper: str) -> str:
-    """A config file's table for the keeper, its password in $KEEPER_PASSWORD."""
+def keeper_table(
+    name: str,
+    server: PostgresServer,
+    keeper: str,
+    password: str = 'password_env = "KEEPER_PASSWORD"',
+) -> str:
+    """A config file's table for the keeper; its password in $KEEPER_PASSWORD by default."""
     return f"""
 [databases.{name}]
 host = "{server.host}"
 port = {server.port}
 dbname = "postgres"
 user = "{keeper}"
-password_env = "KEEPER_PASSWORD"
+{password}
 """
+
+
+def command(code: str) -> str:
+    """A ``password_command`` running *code* in this Python."""
+    return f"password_command = {json.dumps([sys.executable, '-c', code])}"
 
 
 def run_check(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -375,22 +385,12 @@ dsn = "{url(pg_server, keeper, SECRET, dbname="no_such_db")}"
 
 [databases.tls_refused]
 dsn = "{url(pg_server, keeper, SECRET)}?sslmode=require"
-
-[databases.from_command]
-host = "{pg_server.host}"
-port = {pg_server.port}
-dbname = "postgres"
-user = "{keeper}"
-password_command = {json.dumps([sys.executable, "-c", COMMAND_PRINTING])}
-
-[databases.command_failing]
-host = "{pg_server.host}"
-port = {pg_server.port}
-dbname = "postgres"
-user = "{keeper}"
-password_command = {json.dumps([sys.executable, "-c", COMMAND_FAILING])}
-connect_timeout = 2  # retried until then: a failing provider is an attempt like any other
 """
+        + keeper_table("from_command", pg_server, keeper, command(COMMAND_PRINTING))
+        # Retried until connect_timeout: a failing provider is an attempt like any other.
+        + keeper_table(
+            "command_failing", pg_server, keeper, command(COMMAND_FAILING) + "\nconnect_timeout = 2"
+        )
     )
     env = clean_env(KEEPER_PASSWORD=SECRET)
     extra = ["--json"] if form == "json" else []

@@ -30,6 +30,7 @@ module needs ``opentelemetry-api``: ``pip install "pgsd[otel]"``; pass a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Final
 
 try:
@@ -89,11 +90,12 @@ class Instrumentation:
                 ("use_time", "The time between borrowing a connection and returning it."),
             )
         }
+        max_size, min_size, waiting = (attrgetter(f) for f in ("max_size", "min_size", "waiting"))
         gauges: tuple[tuple[str, str, str, Callable[[PoolStats], int]], ...] = (
-            ("idle.max", "{connection}", "The most idle open connections allowed.", _max_size),
-            ("idle.min", "{connection}", "The fewest idle open connections kept.", _min_size),
-            ("max", "{connection}", "The most open connections allowed.", _max_size),
-            ("pending_requests", "{request}", "Requests waiting for a connection.", _waiting),
+            ("idle.max", "{connection}", "The most idle open connections allowed.", max_size),
+            ("idle.min", "{connection}", "The fewest idle open connections kept.", min_size),
+            ("max", "{connection}", "The most open connections allowed.", max_size),
+            ("pending_requests", "{request}", "Requests waiting for a connection.", waiting),
         )
         meter.create_observable_up_down_counter(
             "db.client.connection.count",
@@ -110,7 +112,7 @@ class Instrumentation:
             )
         meter.create_observable_counter(
             "db.client.connection.timeouts",
-            callbacks=[self._reader(_timeouts)],
+            callbacks=[self._reader(attrgetter("timeouts"))],
             unit="{timeout}",
             description="Requests for a connection that timed out.",
         )
@@ -204,19 +206,3 @@ def _histogram(meter: Any, name: str, description: str) -> Any:
         )
     except TypeError:  # an API before 1.23
         return meter.create_histogram(name, unit="s", description=description)
-
-
-def _max_size(stats: PoolStats) -> int:
-    return stats.max_size
-
-
-def _min_size(stats: PoolStats) -> int:
-    return stats.min_size
-
-
-def _waiting(stats: PoolStats) -> int:
-    return stats.waiting
-
-
-def _timeouts(stats: PoolStats) -> int:
-    return stats.timeouts

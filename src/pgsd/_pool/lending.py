@@ -71,7 +71,7 @@ async def acquire(
     if counters.observer is not None:
         counters.observer.waited(now - start if waited else 0.0)
     if pool._track_stacks:
-        entry.borrowed_at = pool._now()
+        entry.borrowed_at = now
         entry.stack = traceback.StackSummary.from_list(traceback.extract_stack()[:-2])
         entry.leak_reported = False
     return entry
