@@ -9,16 +9,19 @@ into the loop is then noise.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from clients import BenchPool, Client
 from pgsd.testing import PostgresServer
 from report import Better, Result
+from workload import run_started_tasks
 
 __all__ = ["FULL", "POOL_SIZE", "SHORT", "Bench", "Portals", "Recorder", "Sizes", "pg_url"]
 
@@ -137,18 +140,20 @@ class Recorder:
         target: Callable[[], Any],
         *,
         rounds: int,
+        setup: Callable[[], Any] | None = None,
         teardown: Callable[[], Any] | None = None,
     ) -> tuple[float, float] | None:
         """Time ``target`` ``rounds`` times after one warm-up; return the median and fastest.
 
         In seconds per round. None under ``--benchmark-disable`` (the target
-        then ran once, untimed).
+        then ran once, untimed). ``setup``, untimed before each round,
+        returns the target's ``(args, kwargs)``.
         """
         benchmark = self.benchmark
         benchmark.group = group
         benchmark.extra_info.update(scenario=group, client=self.client_name)
         benchmark.pedantic(  # type: ignore[no-untyped-call]
-            target, rounds=rounds, warmup_rounds=1, teardown=teardown
+            target, rounds=rounds, warmup_rounds=1, setup=setup, teardown=teardown
         )
         if benchmark.stats is None:
             return None
@@ -191,8 +196,46 @@ class Bench(Recorder):
 
         ``vs_pgbench``: the figure (ops/s) is also given as a share of pgbench's.
         """
-        self.benchmark.extra_info["ops_per_round"] = ops
         timed = self.time(scenario, lambda: self.portal.call(batch), rounds=self.sizes.rounds)
+        self._record_timed(scenario, timed, ops, per_op=per_op, vs_pgbench=vs_pgbench)
+
+    def run_tasks(
+        self,
+        scenario: str,
+        op: Callable[[], Awaitable[None]],
+        ops: int,
+        tasks: int,
+        *,
+        vs_pgbench: bool = False,
+    ) -> None:
+        """Time ``ops`` calls of ``op`` shared by ``tasks`` tasks; record ops/s.
+
+        The tasks are started before each round, untimed (`run_started_tasks`):
+        a round times the operations, not the event loop creating a thousand
+        tasks, which would otherwise weigh most on the fastest client.
+        """
+        portal = self.portal
+
+        def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+            return portal.start_task(run_started_tasks, op, ops, tasks), {}
+
+        def go(finished: Future[None], gate: anyio.Event) -> None:
+            portal.call(gate.set)
+            finished.result()
+
+        timed = self.time(scenario, go, rounds=self.sizes.rounds, setup=setup)
+        self._record_timed(scenario, timed, ops, per_op=False, vs_pgbench=vs_pgbench)
+
+    def _record_timed(
+        self,
+        scenario: str,
+        timed: tuple[float, float] | None,
+        ops: int,
+        *,
+        per_op: bool,
+        vs_pgbench: bool,
+    ) -> None:
+        self.benchmark.extra_info["ops_per_round"] = ops
         if timed is None:  # --benchmark-disable: ran once, untimed
             return
         median, fastest = timed

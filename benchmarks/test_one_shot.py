@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable
-from functools import partial
 
 import pytest
 
 from harness import Bench, Sizes
-from workload import run_tasks
 
 TASKS = [5, 100, 1000]
 
@@ -36,21 +34,21 @@ def _keyed(op: Callable[[int], Awaitable[None]], rows: int) -> Callable[[], Awai
 def test_one_shot_select_one(bench: Bench, sizes: Sizes, tasks: int) -> None:
     """``SELECT 1`` as one-shot statements."""
     ops = sizes.select_ops
-    batch = partial(run_tasks, bench.pool.one_shot_select_one, ops, tasks)
-    bench.run(f"one-shot SELECT 1, {tasks} tasks", batch, ops, per_op=False, vs_pgbench=True)
+    op = bench.pool.one_shot_select_one
+    bench.run_tasks(f"one-shot SELECT 1, {tasks} tasks", op, ops, tasks, vs_pgbench=True)
 
 
 @pytest.mark.parametrize("tasks", TASKS)
 def test_point_read(bench: Bench, sizes: Sizes, point_rows: int, tasks: int) -> None:
     """A row by primary key (random among ``point_rows``) through a lent connection."""
     ops = sizes.select_ops
-    batch = partial(run_tasks, _keyed(bench.pool.point_read, point_rows), ops, tasks)
-    bench.run(f"point read, {tasks} tasks", batch, ops, per_op=False)
+    op = _keyed(bench.pool.point_read, point_rows)
+    bench.run_tasks(f"point read, {tasks} tasks", op, ops, tasks)
 
 
 @pytest.mark.parametrize("tasks", TASKS)
 def test_one_shot_point_read(bench: Bench, sizes: Sizes, point_rows: int, tasks: int) -> None:
     """A row by primary key as one-shot statements."""
     ops = sizes.select_ops
-    batch = partial(run_tasks, _keyed(bench.pool.one_shot_point_read, point_rows), ops, tasks)
-    bench.run(f"one-shot point read, {tasks} tasks", batch, ops, per_op=False)
+    op = _keyed(bench.pool.one_shot_point_read, point_rows)
+    bench.run_tasks(f"one-shot point read, {tasks} tasks", op, ops, tasks)

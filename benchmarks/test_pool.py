@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 
 from harness import Bench, Sizes
-from workload import run_tasks
 
 
 def test_acquire_release(bench: Bench, sizes: Sizes) -> None:
@@ -26,5 +23,4 @@ def test_acquire_release(bench: Bench, sizes: Sizes) -> None:
 def test_select_one(bench: Bench, sizes: Sizes, tasks: int) -> None:
     """``SELECT 1`` through a pool of 5, from as many tasks as connections, and more."""
     ops = sizes.select_ops
-    batch = partial(run_tasks, bench.pool.select_one, ops, tasks)
-    bench.run(f"SELECT 1, {tasks} tasks", batch, ops, per_op=False, vs_pgbench=True)
+    bench.run_tasks(f"SELECT 1, {tasks} tasks", bench.pool.select_one, ops, tasks, vs_pgbench=True)

@@ -13,25 +13,73 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import anyio
+import anyio.abc
 
 from clients import BenchPool
 
-__all__ = ["Attempt", "HoldRound", "hold_round", "out_of_order", "percentile", "run_tasks"]
+__all__ = [
+    "Attempt",
+    "HoldRound",
+    "hold_round",
+    "out_of_order",
+    "percentile",
+    "run_started_tasks",
+    "run_tasks",
+]
 
 
-async def run_tasks(op: Callable[[], Awaitable[None]], total: int, tasks: int) -> None:
-    """Run ``op`` ``total`` times over ``tasks`` tasks, each looping until none are left."""
+def _share(op: Callable[[], Awaitable[None]], total: int) -> Callable[[], Awaitable[None]]:
+    """A task's loop: call ``op`` until ``total`` calls, shared by every task, are made."""
     remaining = total
 
-    async def worker() -> None:
+    async def loop() -> None:
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
             await op()
 
+    return loop
+
+
+async def run_tasks(op: Callable[[], Awaitable[None]], total: int, tasks: int) -> None:
+    """Run ``op`` ``total`` times over ``tasks`` tasks, each looping until none are left."""
+    worker = _share(op, total)
     async with anyio.create_task_group() as tg:
         for _ in range(tasks):
             tg.start_soon(worker)
+
+
+async def run_started_tasks(
+    op: Callable[[], Awaitable[None]],
+    total: int,
+    tasks: int,
+    *,
+    task_status: anyio.abc.TaskStatus[anyio.Event] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """As `run_tasks`, with the tasks started first: they wait for the event it reports.
+
+    ``task_status.started(go)`` once every task is started and waits for
+    ``go``; the operations begin when ``go`` is set, and the call returns
+    when they are all done.
+    """
+    loop = _share(op, total)
+    go = anyio.Event()
+    waiting = 0
+    all_waiting = anyio.Event()
+
+    async def worker() -> None:
+        nonlocal waiting
+        waiting += 1
+        if waiting == tasks:
+            all_waiting.set()
+        await go.wait()
+        await loop()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(tasks):
+            tg.start_soon(worker)
+        await all_waiting.wait()
+        task_status.started(go)
 
 
 @dataclass(frozen=True, slots=True)
