@@ -116,6 +116,10 @@ REPORT_KEYS = frozenset(
         "tls_cipher",
         "host",
         "port",
+        "role",
+        "lag_seconds",
+        "replica_state",
+        "replicas",
     }
 )
 VERSION_KEYS = frozenset({"major", "minor", "num", "text"})

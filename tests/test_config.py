@@ -1236,3 +1236,138 @@ def test_load_config_reports_a_nul_in_the_file_name(tmp_path: Path) -> None:
         pgsd.load_config(path)
     assert info.value.path == path
     assert info.value.problem == "the file name contains a NUL character"
+
+
+# --- read replicas ------------------------------------------------------------
+
+
+def test_a_replica_inherits_what_it_does_not_set_from_its_primary() -> None:
+    secret = "s3cret-primary"
+    primary = pgsd.DatabaseConfig(
+        host="db1",
+        dbname="app",
+        user="svc",
+        password=secret,
+        sslmode="verify-full",
+        target_session_attrs="read-write",
+        connect_timeout=4,
+        extra={"keepalives_idle": "30"},
+        replicas=[
+            "postgresql://db2.internal/other",
+            "host=db3.internal port=5433",
+            pgsd.DatabaseConfig(host="db4", user="reader", password="own", name="analytics"),
+        ],
+    )
+    dsn_url, dsn_keywords, own = primary.replica_configs()
+    assert (dsn_url.host, dsn_url.dbname, dsn_url.user) == ("db2.internal", "other", "svc")
+    assert (dsn_keywords.host, dsn_keywords.port, dsn_keywords.dbname) == (
+        "db3.internal",
+        5433,
+        "app",
+    )
+    for replica in (dsn_url, dsn_keywords):
+        assert replica.password == secret
+        assert replica.sslmode == "verify-full"
+        assert replica.connect_timeout == 4
+        assert replica.extra == {"keepalives_idle": "30"}
+        assert replica.target_session_attrs is None  # a standby is never read-write
+        assert secret not in repr(replica)
+    assert (own.user, own.password, own.name) == ("reader", "own", "analytics")
+    assert dsn_url.name == "app replica db2.internal"
+    assert dsn_keywords.name == "app replica db3.internal:5433"
+    assert primary.replicas[1] == pgsd.DatabaseConfig(host="db3.internal", port=5433)
+    assert secret not in repr(primary)
+
+
+def test_replica_settings_have_their_defaults_and_compare_by_value() -> None:
+    plain = pgsd.DatabaseConfig(host="db1")
+    assert (plain.replicas, plain.max_replica_lag, plain.replica_fallback) == ((), 10.0, "primary")
+    assert plain.replica_pool is None
+    assert plain.replica_configs() == ()
+    one = pgsd.DatabaseConfig(host="db1", replicas=["host=db2"], max_replica_lag=5)
+    assert one == pgsd.DatabaseConfig(host="db1", replicas=("host=db2",), max_replica_lag=5.0)
+    assert hash(one) == hash(
+        pgsd.DatabaseConfig(host="db1", replicas=["host=db2"], max_replica_lag=5)
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "key", "problem"),
+    [
+        ({"replicas": "host=db2"}, "replicas", "must be a list"),
+        ({"replicas": [3]}, "replicas[0]", "must be a DatabaseConfig or a DSN string"),
+        ({"replicas": ["port=5433"]}, "replicas[0]", "needs a host"),
+        ({"replicas": ["host=db2", "host=db2"]}, "replicas[1]", "is given twice"),
+        ({"replicas": ["host=db1"]}, "replicas[0]", "is given twice"),
+        ({"replicas": ["host=db2 port=99999"]}, "replicas[0].port", "between 1 and 65535"),
+        (
+            {"replicas": [pgsd.DatabaseConfig(host="db2", replicas=["host=db3"])]},
+            "replicas[0]",
+            "cannot have replicas",
+        ),
+        ({"max_replica_lag": 0}, "max_replica_lag", "> 0"),
+        ({"replica_fallback": "any"}, "replica_fallback", "one of primary, error"),
+        ({"replica_fallback": None}, "replica_fallback", "one of primary, error"),
+        ({"replica_pool": {"max_size": 3}}, "replica_pool", "must be a PoolConfig"),
+    ],
+)
+def test_invalid_replica_settings_are_refused_naming_the_key(
+    changes: dict[str, Any], key: str, problem: str
+) -> None:
+    with pytest.raises(pgsd.ConfigError) as raised:
+        pgsd.DatabaseConfig(host="db1", **changes)
+    assert raised.value.key == key
+    assert problem in str(raised.value)
+
+
+def test_a_replica_dsn_with_a_password_never_shows_it_in_the_error() -> None:
+    with pytest.raises(pgsd.ConfigError) as raised:
+        pgsd.DatabaseConfig(host="db1", replicas=["postgresql://u:hunter2@db2:99999/app"])
+    assert "hunter2" not in str(raised.value)
+
+
+def test_load_config_reads_replicas_their_lag_bound_fallback_and_pool(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [pool]
+        max_size = 7
+        [databases.app]
+        host = "db1"
+        dbname = "app"
+        replicas = [
+            "postgresql://db2.internal/app",
+            "host=db3.internal",
+            {host = "db4", port = 5433, keepalives_idle = 30},
+        ]
+        max_replica_lag = 5
+        replica_fallback = "error"
+        [databases.app.replica_pool]
+        max_size = 20
+        """,
+    )
+    app = pgsd.load_config(path).databases["app"]
+    assert (app.max_replica_lag, app.replica_fallback) == (5.0, "error")
+    assert app.replica_pool is not None
+    assert app.replica_pool.max_size == 20
+    hosts = [(r.host, r.port, r.dbname) for r in app.replica_configs()]
+    assert hosts == [
+        ("db2.internal", None, "app"),
+        ("db3.internal", None, "app"),
+        ("db4", 5433, "app"),
+    ]
+    assert app.replica_configs()[2].extra == {"keepalives_idle": "30"}
+    assert pgsd.load_config(path) == pgsd.load_config(path)
+
+
+def test_load_config_names_the_replica_key_that_is_wrong(tmp_path: Path) -> None:
+    error = config_error(
+        tmp_path,
+        """
+        [databases.app]
+        host = "db1"
+        replicas = [{host = "db4", password_command = ["vault"]}]
+        """,
+    )
+    assert error.key == "databases.app.replicas[0].password_command"
+    assert "unknown key" in str(error)

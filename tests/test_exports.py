@@ -28,6 +28,7 @@ EXPECTED = {
     "DatabaseNotFound",
     "Histogram",
     "InsufficientPrivileges",
+    "NoReplicaAvailable",
     "MIN_SERVER_VERSION",
     "OutcomeUnknown",
     "PasswordCommand",

@@ -26,6 +26,7 @@ LAYERS: dict[str, set[str]] = {
         "_permissions",
         "_validate",
         "_credentials",
+        "_replica_config",
         "_config",
         "_config_file",
         "_backoff",

@@ -160,7 +160,41 @@ def test_counters_are_typed_counter_and_end_in_total() -> None:
 def test_gauges_are_typed_gauge() -> None:
     text = exposition(FakeSource(make_stats()))
     gauges = {line.split()[2] for line in text.splitlines() if line.endswith(" gauge")}
-    assert gauges == set(GAUGES.values()) | {"pgsd_pool_up", "pgsd_pool_state"}
+    replica_gauges = {"pgsd_pool_replica_lag_seconds", "pgsd_pool_replica_fresh"}
+    assert gauges == set(GAUGES.values()) | {"pgsd_pool_up", "pgsd_pool_state"} | replica_gauges
+
+
+def test_a_primarys_replicas_are_reported_as_pools_with_their_lag_and_standing() -> None:
+    replicas = (
+        dataclasses.replace(
+            make_stats(name="app replica db2", size=2),
+            role="replica",
+            lag_seconds=0.25,
+            replica_state="fresh",
+        ),
+        dataclasses.replace(
+            make_stats(name="app replica db3", size=1),
+            role="replica",
+            lag_seconds=12.5,
+            replica_state="lagging",
+        ),
+        dataclasses.replace(
+            make_stats(name="app replica db4"), role="replica", replica_state="unknown"
+        ),
+    )
+    stats = dataclasses.replace(make_stats(name="app", size=4), replicas=replicas)
+    found = samples(exposition(FakeSource({"app": stats})))
+    assert found[key("pgsd_pool_size", database="app")] == 4
+    assert found[key("pgsd_pool_size", database="app replica db2")] == 2
+    assert found[key("pgsd_pool_size", database="app replica db3")] == 1
+    assert found[key("pgsd_pool_replica_lag_seconds", database="app replica db2")] == 0.25
+    assert found[key("pgsd_pool_replica_lag_seconds", database="app replica db3")] == 12.5
+    assert key("pgsd_pool_replica_lag_seconds", database="app replica db4") not in found
+    assert key("pgsd_pool_replica_lag_seconds", database="app") not in found
+    assert found[key("pgsd_pool_replica_fresh", database="app replica db2")] == 1
+    assert found[key("pgsd_pool_replica_fresh", database="app replica db3")] == 0
+    assert found[key("pgsd_pool_replica_fresh", database="app replica db4")] == 0
+    assert key("pgsd_pool_replica_fresh", database="app") not in found
 
 
 def test_exposition_text_shows_the_value_and_label() -> None:

@@ -18,6 +18,7 @@ from ._errors import ConnectError as ConnectError
 from ._errors import ConnectTimeout as ConnectTimeout
 from ._errors import DatabaseNotFound as DatabaseNotFound
 from ._errors import InsufficientPrivileges as InsufficientPrivileges
+from ._errors import NoReplicaAvailable as NoReplicaAvailable
 from ._errors import OutcomeUnknown as OutcomeUnknown
 from ._errors import PasswordProviderError as PasswordProviderError
 from ._errors import PgsdError as PgsdError
@@ -59,6 +60,7 @@ __all__ = [
     "DatabaseNotFound",
     "Histogram",
     "InsufficientPrivileges",
+    "NoReplicaAvailable",
     "OutcomeUnknown",
     "PasswordCommand",
     "PasswordProviderError",

@@ -189,6 +189,8 @@ def _print(result: CheckResult, *, as_json: bool) -> None:
     table.add_column("pool burst")
     for check in result.databases:
         table.add_row(*_row(check))
+        for replica in check.report.replicas:
+            table.add_row(*_replica_row(replica))
     console.print(table)
     for check in result.databases:
         if check.report.error:
@@ -206,17 +208,6 @@ def _print(result: CheckResult, *, as_json: bool) -> None:
 
 def _row(check: DatabaseCheck) -> list[str]:
     report = check.report
-    version = "-"
-    if report.version is not None:
-        version = f"{report.version.major}.{report.version.minor}"
-        version += "" if report.supported else " (unsupported)"
-    permissions = report.permissions
-    if permissions is None:
-        privileges = "-"
-    elif permissions.missing:
-        privileges = "missing: " + ", ".join(permissions.missing)
-    else:
-        privileges = f"{len(permissions.required)} required, all granted"
     burst = "-"
     if check.burst is not None:
         done = check.burst.queries - check.burst.failed
@@ -226,14 +217,49 @@ def _row(check: DatabaseCheck) -> list[str]:
     return [
         report.name,
         "[green]ok[/green]" if check.ok else "[red]FAILED[/red]",
+        *_server_cells(report),
+        _privileges_cell(report),
+        burst,
+    ]
+
+
+def _replica_row(report: ConnectionReport) -> list[str]:
+    """A read replica under its primary: its standing and lag in the status column."""
+    status = report.replica_state or "unknown"
+    if report.lag_seconds is not None:
+        status += f", lag {report.lag_seconds:.1f} s"
+    colour = "green" if report.ok else "red"
+    return [
+        f"  {report.name}",
+        f"[{colour}]{status}[/{colour}]",
+        *_server_cells(report),
+        _privileges_cell(report),
+        "-",
+    ]
+
+
+def _server_cells(report: ConnectionReport) -> list[str]:
+    """Server, version, latency, TLS and user."""
+    version = "-"
+    if report.version is not None:
+        version = f"{report.version.major}.{report.version.minor}"
+        version += "" if report.supported else " (unsupported)"
+    return [
         f"{report.host}:{report.port}" if report.host else "-",
         version,
         f"{report.latency_ms:.1f} ms" if report.latency_ms is not None else "-",
         _tls_cell(report),
-        permissions.user if permissions is not None else "-",
-        privileges,
-        burst,
+        report.permissions.user if report.permissions is not None else "-",
     ]
+
+
+def _privileges_cell(report: ConnectionReport) -> str:
+    permissions = report.permissions
+    if permissions is None:
+        return "-"
+    if permissions.missing:
+        return "missing: " + ", ".join(permissions.missing)
+    return f"{len(permissions.required)} required, all granted"
 
 
 def _tls_cell(report: ConnectionReport) -> str:

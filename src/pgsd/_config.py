@@ -13,9 +13,9 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -24,7 +24,9 @@ from ._credentials import PasswordProvider, check_provider, describe
 from ._dsn import libpq_text_problem, may_be_secret, parse_dsn
 from ._errors import ConfigError, format_address, is_secret_key
 from ._permissions import parse_requirement
+from ._replica_config import REPLICA_FALLBACKS, check_replicas, replica_configs
 from ._validate import (
+    FrozenMap,
     check_choice,
     check_int,
     check_libpq_text,
@@ -46,39 +48,6 @@ __all__ = [
     "is_libpq_keyword",
     "short_repr",
 ]
-
-_K = TypeVar("_K")
-_V = TypeVar("_V")
-
-
-class _FrozenMap(Mapping[_K, _V]):
-    """A read-only, hashable mapping that keeps insertion order."""
-
-    __slots__ = ("_data",)
-
-    def __init__(self, data: Mapping[_K, _V] | Iterable[tuple[_K, _V]] = ()) -> None:
-        self._data: dict[_K, _V] = dict(data)
-
-    def __getitem__(self, key: _K) -> _V:
-        return self._data[key]
-
-    def __iter__(self) -> Iterator[_K]:
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Mapping):
-            return self._data == dict(other.items())
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(frozenset(self._data.items()))
-
-    def __repr__(self) -> str:
-        return repr(self._data)
-
 
 # --- PoolConfig --------------------------------------------------------------
 
@@ -302,7 +271,7 @@ def _check_requirement(item: object) -> None:
         raise ConfigError(exc.problem, key="required") from None
 
 
-def _normalize_extra(value: object) -> _FrozenMap[str, str]:
+def _normalize_extra(value: object) -> FrozenMap[str, str]:
     if not isinstance(value, Mapping):
         raise ConfigError(
             f"must be a mapping of libpq keywords to values, got {short_repr(value)}",
@@ -311,7 +280,7 @@ def _normalize_extra(value: object) -> _FrozenMap[str, str]:
     # Keywords first: sorting keys of mixed types would raise TypeError.
     for keyword in value:
         _check_extra_keyword(keyword)
-    return _FrozenMap(
+    return FrozenMap(
         (keyword, _extra_value(keyword, setting)) for keyword, setting in sorted(value.items())
     )
 
@@ -400,11 +369,22 @@ class DatabaseConfig:
     #: of the strings as given.
     required: Sequence[str] = ()
     #: Other libpq keywords, passed through (``keepalives_idle``, ``sslnegotiation``...).
-    extra: Mapping[str, str] = field(default_factory=lambda: _FrozenMap[str, str]())
+    extra: Mapping[str, str] = field(default_factory=lambda: FrozenMap[str, str]())
     #: Overrides the connector's `PoolConfig` for this database.
     pool: PoolConfig | None = None
     #: The database's name in the `ConnectorConfig`.
     name: str | None = None
+    #: Streaming standbys for reads (``read_only=True``): each a `DatabaseConfig`
+    #: or a DSN string, taking what it does not set from this config
+    #: (`replica_configs`); stored as a tuple of configs.
+    replicas: Sequence[DatabaseConfig | str] = ()
+    #: Seconds a replica may be behind this primary and still serve reads.
+    max_replica_lag: float = 10.0
+    #: When no replica qualifies: ``"primary"`` serves the read here (logged
+    #: once), ``"error"`` raises `NoReplicaAvailable`.
+    replica_fallback: str = "primary"
+    #: The replicas' pool settings (default: this database's).
+    replica_pool: PoolConfig | None = None
 
     def __post_init__(self) -> None:
         for key in _NON_EMPTY_STRS:
@@ -434,9 +414,18 @@ class DatabaseConfig:
             check_int("prepare_threshold", self.prepare_threshold, minimum=0)
         set_("required", _normalize_required(self.required))
         set_("extra", _normalize_extra(self.extra))
-        if self.pool is not None and not isinstance(self.pool, PoolConfig):
+        for key in ("pool", "replica_pool"):
+            if getattr(self, key) is not None and not isinstance(getattr(self, key), PoolConfig):
+                raise ConfigError(
+                    f"must be a PoolConfig or None, got {short_repr(getattr(self, key))}", key=key
+                )
+        set_("replicas", check_replicas(self, self.replicas))
+        set_("max_replica_lag", check_positive("max_replica_lag", self.max_replica_lag))
+        if self.replica_fallback not in REPLICA_FALLBACKS:
             raise ConfigError(
-                f"must be a PoolConfig or None, got {short_repr(self.pool)}", key="pool"
+                f"must be one of {', '.join(REPLICA_FALLBACKS)}; got"
+                f" {short_repr(self.replica_fallback)}",
+                key="replica_fallback",
             )
 
     @classmethod
@@ -495,6 +484,10 @@ class DatabaseConfig:
     def address(self) -> str:
         """Where libpq will connect, as ``host:port``, for messages."""
         return format_address(self.host, self.port)
+
+    def replica_configs(self) -> tuple[DatabaseConfig, ...]:
+        """Each replica's whole config: its own settings, this config's for the rest."""
+        return replica_configs(self)
 
     def replace(self, **changes: Any) -> Self:
         """Return a copy with *changes* applied. Raises `ConfigError` if invalid."""
@@ -559,7 +552,7 @@ class ConnectorConfig:
                 key="databases",
             )
         named = {name: _named(name, db) for name, db in self.databases.items()}
-        object.__setattr__(self, "databases", _FrozenMap(named))  # the dataclass is frozen
+        object.__setattr__(self, "databases", FrozenMap(named))  # the dataclass is frozen
         if not isinstance(self.pool, PoolConfig):
             raise ConfigError(f"must be a PoolConfig, got {self.pool!r}", key="pool")
 

@@ -42,7 +42,14 @@ _DATABASE_FILE_KEYS = (
     "password_command",
     "pool",
 )
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+#: What a replica's own table may set (credentials it does not set come from the primary).
+_REPLICA_FILE_KEYS = tuple(
+    key
+    for key in _DATABASE_FILE_KEYS
+    if key not in ("dsn", "password_env", "password_command", "pool", "replicas")
+    and not key.startswith(("max_replica", "replica_"))
+)
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+(\[[0-9]+\])?")  # a list index, as in replicas[0]
 # What a TOML basic string escapes: the quote, the backslash and control characters.
 _KEY_ESCAPE = re.compile(r'["\\\x00-\x1f\x7f]')
 
@@ -136,8 +143,14 @@ def _build_database(
     if table.get("prepare_threshold") is False:
         # TOML has no null: "prepare_threshold = false" means never prepare.
         table["prepare_threshold"] = None
-    if "pool" in table:
-        table["pool"] = _database_pool(table["pool"], pool_defaults, (*prefix, "pool"))
+    for key in ("pool", "replica_pool"):
+        if key in table:
+            table[key] = _database_pool(table[key], pool_defaults, (*prefix, key))
+    if isinstance(table.get("replicas"), list):
+        table["replicas"] = [
+            _replica(item, (*prefix, f"replicas[{index}]"))
+            for index, item in enumerate(table["replicas"])
+        ]
     with _key_prefix(_dotted(*prefix)):
         if dsn is None:
             return DatabaseConfig(name=name, **table)
@@ -191,6 +204,17 @@ def _password_command(table: dict[str, Any], prefix: tuple[str, ...]) -> None:
         )
     with _key_prefix(_dotted(*prefix)):
         table["password_provider"] = PasswordCommand(argv)
+
+
+def _replica(raw: object, prefix: tuple[str, ...]) -> object:
+    """A replica in a file: a DSN string, or a table of its own settings."""
+    if not isinstance(raw, dict):
+        return raw  # a DSN, or a value the config reports as wrong
+    table = dict(raw)
+    _check_keys(table, _REPLICA_FILE_KEYS, prefix, allow=is_libpq_keyword)
+    _move_libpq_keywords(table, prefix)
+    with _key_prefix(_dotted(*prefix)):
+        return DatabaseConfig(**table)
 
 
 def _database_pool(

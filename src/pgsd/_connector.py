@@ -22,6 +22,7 @@ from ._config import ConnectorConfig, DatabaseConfig, PoolConfig
 from ._connection import Connection
 from ._errors import ConfigError, PgsdError, PoolClosed, redact
 from ._pool import ConnectionPool, StateCallback
+from ._pool.lending import DeferredLease
 from ._runtime import RunTimeDatabases
 from ._stats import PoolStats
 from ._verifying import Verifying
@@ -50,10 +51,11 @@ class _OneShotByName:
         params: Any = None,
         *,
         row_factory: RowFactory[Any] | None = None,
+        read_only: bool = False,
     ) -> list[Any]:
         """All rows of one statement on the database's pool (see `ConnectionPool.fetchall`)."""
         pool = await self._resolve(target)
-        return await pool.fetchall(query, params, row_factory=row_factory)
+        return await pool.fetchall(query, params, row_factory=row_factory, read_only=read_only)
 
     async def fetchone(
         self,
@@ -62,20 +64,25 @@ class _OneShotByName:
         params: Any = None,
         *,
         row_factory: RowFactory[Any] | None = None,
+        read_only: bool = False,
     ) -> Any:
         """The first row, or None (see `ConnectionPool.fetchone`)."""
         pool = await self._resolve(target)
-        return await pool.fetchone(query, params, row_factory=row_factory)
+        return await pool.fetchone(query, params, row_factory=row_factory, read_only=read_only)
 
-    async def fetchval(self, target: Target, query: Any, params: Any = None) -> Any:
+    async def fetchval(
+        self, target: Target, query: Any, params: Any = None, *, read_only: bool = False
+    ) -> Any:
         """The first column of the first row, or None (see `ConnectionPool.fetchval`)."""
         pool = await self._resolve(target)
-        return await pool.fetchval(query, params)
+        return await pool.fetchval(query, params, read_only=read_only)
 
-    async def execute(self, target: Target, query: Any, params: Any = None) -> int:
+    async def execute(
+        self, target: Target, query: Any, params: Any = None, *, read_only: bool = False
+    ) -> int:
         """Rows affected (see `ConnectionPool.execute`)."""
         pool = await self._resolve(target)
-        return await pool.execute(query, params)
+        return await pool.execute(query, params, read_only=read_only)
 
 
 class DatabaseConnector(_OneShotByName, RunTimeDatabases, Verifying):
@@ -315,7 +322,7 @@ class DatabaseConnector(_OneShotByName, RunTimeDatabases, Verifying):
     # -- public API --------------------------------------------------------------
 
     def get_connection(
-        self, target: Target, *, timeout: float | None = None
+        self, target: Target, *, timeout: float | None = None, read_only: bool = False
     ) -> AbstractAsyncContextManager[Connection[Any]]:
         """Borrow a connection: ``async with connector.get_connection("source") as conn``.
 
@@ -328,19 +335,23 @@ class DatabaseConnector(_OneShotByName, RunTimeDatabases, Verifying):
                 the connector closes.
             timeout: seconds to wait for a connection (default: the pool's
                 ``acquire_timeout``).
+            read_only: a fresh read replica's connection when the database
+                has ``replicas``; writes and the default go to the primary.
 
         The connection is lent as `ConnectionPool.connection` lends it.
 
         Raises:
             ConfigError: no database has that name (at once).
             TypeError: ``target`` is neither a name nor a `DatabaseConfig`.
-            PoolTimeout, TooManyWaiters, PoolClosed, UnsupportedServerVersion:
-                on entering, as `ConnectionPool.connection`.
+            PoolTimeout, TooManyWaiters, PoolClosed, UnsupportedServerVersion,
+                NoReplicaAvailable: on entering, as `ConnectionPool.connection`.
         """
         pool = self._find_pool(target)
         if pool is not None and not (pool._closed and self._opening(pool)):
-            return pool.connection(timeout)
-        return _NewPoolLease(self, target, timeout)
+            return pool.connection(timeout, read_only=read_only)
+        # A config not seen yet (its pool is made on entering), or a database
+        # added at run time whose pool is not open yet (entering waits for it).
+        return DeferredLease(lambda: self._resolve(target), timeout, read_only)
 
     def pool(self, name: str) -> ConnectionPool:
         """The pool of the database named ``name``.
@@ -371,39 +382,6 @@ class _PoolRun:
         self.started = anyio.Event()
         self.stop = anyio.Event()
         self.done = anyio.Event()
-
-
-class _NewPoolLease:
-    """``get_connection`` with a config not seen yet (its pool is made on entering), or a
-    database added at run time whose pool is not open yet (entering waits for it)."""
-
-    __slots__ = ("_connector", "_database", "_lease", "_timeout")
-
-    def __init__(
-        self, connector: DatabaseConnector, database: Target, timeout: float | None
-    ) -> None:
-        self._connector = connector
-        self._database = database
-        self._timeout = timeout
-        self._lease: AbstractAsyncContextManager[Connection[Any]] | None = None
-
-    async def __aenter__(self) -> Connection[Any]:
-        pool = await self._connector._resolve(self._database)
-        lease = pool.connection(self._timeout)
-        conn = await lease.__aenter__()
-        self._lease = lease
-        return conn
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        lease, self._lease = self._lease, None
-        if lease is not None:
-            # The pool's return is shielded and bounded by cancel_grace.
-            await lease.__aexit__(exc_type, exc, tb)  # noqa: ASYNC102
 
 
 class _WarmUp:

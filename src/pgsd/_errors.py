@@ -249,6 +249,17 @@ class PoolTimeout(PgsdError):
     __module__ = "pgsd"
 
 
+class NoReplicaAvailable(PgsdError):
+    """A read asked for a replica (``read_only=True``) and none qualifies.
+
+    Raised only with ``replica_fallback = "error"``; the message says why
+    each replica was passed over (down, behind by more than
+    ``max_replica_lag``, promoted, not checked yet).
+    """
+
+    __module__ = "pgsd"
+
+
 class PoolClosed(PgsdError):
     """The pool is closed, or was closed while waiting for a connection."""
 

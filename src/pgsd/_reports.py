@@ -14,6 +14,7 @@ that library cannot be found they are reported as unknown.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import importlib
 import sys
@@ -30,6 +31,7 @@ from ._connection import Connection
 from ._errors import PgsdError, UnsupportedServerVersion, redact
 from ._permissions import PermissionReport, check_permissions
 from ._pool import ConnectionPool
+from ._pool.replicas import Replica
 from ._version import ServerVersion, get_version
 
 __all__ = ["ConnectionReport", "failure_report", "verify_pool"]
@@ -74,6 +76,17 @@ class ConnectionReport:
             libpq reports it; None if no connection was obtained.
         port: the port the connection went to; None if no connection was
             obtained.
+        role: ``"primary"``, or ``"replica"`` for the report of a read
+            replica (in its primary's ``replicas``).
+        lag_seconds: a replica's lag behind its primary at its last check;
+            None for a primary, or when unknown.
+        replica_state: a replica's standing (``fresh``, ``lagging``,
+            ``promoted``, ``down``, ``unknown``; see `PoolStats`); None for a
+            primary.
+        replicas: a primary's read replicas, a report each. A replica is ok
+            when its own checks pass and it is fresh; the primary's ``ok``
+            requires every replica's, and its ``error`` names those that
+            are not.
     """
 
     name: str
@@ -88,6 +101,10 @@ class ConnectionReport:
     tls_cipher: str | None = None
     host: str | None = None
     port: int | None = None
+    role: str = "primary"
+    lag_seconds: float | None = None
+    replica_state: str | None = None
+    replicas: tuple[ConnectionReport, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Return the report as plain JSON types (str, int, float, bool, None, list, dict).
@@ -95,7 +112,7 @@ class ConnectionReport:
         Sets become sorted lists; a version becomes
         ``{"major", "minor", "num", "text"}``; permissions become
         ``{"user", "is_superuser", "missing", "ok", "roles",
-        "database_privileges"}``.
+        "database_privileges"}``; ``replicas`` a list of such dicts.
         """
         return {
             "name": self.name,
@@ -110,6 +127,10 @@ class ConnectionReport:
             "tls_cipher": self.tls_cipher,
             "host": self.host,
             "port": self.port,
+            "role": self.role,
+            "lag_seconds": self.lag_seconds,
+            "replica_state": self.replica_state,
+            "replicas": [replica.to_dict() for replica in self.replicas],
         }
 
 
@@ -144,7 +165,41 @@ async def verify_pool(pool: ConnectionPool, timeout: float) -> ConnectionReport:
     ``timeout`` seconds for the checks on it (ping, version, permissions
     against ``pool.config.required``).
     """
-    return await _Verification(pool, timeout).run()
+    report = await _Verification(pool, timeout).run()
+    replica_set = pool._replicas
+    if replica_set is None:
+        return report
+    await replica_set.first_round()
+    found: dict[int, ConnectionReport] = {}
+
+    async def check(index: int, replica: Replica) -> None:
+        found[index] = await _verify_replica(replica, timeout)
+
+    async with anyio.create_task_group() as tg:
+        for index, replica in enumerate(replica_set.replicas):
+            tg.start_soon(check, index, replica)
+    replicas = tuple(found[index] for index in range(len(found)))
+    failed = [f"replica {r.name!r}: {r.error}" for r in replicas if not r.ok]
+    return dataclasses.replace(
+        report,
+        ok=report.ok and not failed,
+        error="; ".join(filter(None, [report.error, *failed])) or None,
+        replicas=replicas,
+    )
+
+
+async def _verify_replica(replica: Replica, timeout: float) -> ConnectionReport:  # noqa: ASYNC109
+    """A replica's own checks, with its standing: ok only when fresh too."""
+    report = await _Verification(replica.pool, timeout).run()
+    fresh = replica.usable()
+    return dataclasses.replace(
+        report,
+        ok=report.ok and fresh,
+        error=report.error or (None if fresh else replica.why_not()),
+        role="replica",
+        lag_seconds=replica.lag,
+        replica_state=replica.state,
+    )
 
 
 def failure_report(name: str, exc: BaseException) -> ConnectionReport:

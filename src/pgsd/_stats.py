@@ -121,6 +121,13 @@ class PoolStats:
         use_time: how long lent connections were held, from lending to
             their return.
         connect_time: how long opening each new connection took.
+        role: ``"primary"``, or ``"replica"`` for a read replica's pool.
+        lag_seconds: a replica's lag behind its primary at its last check
+            (None for a primary, or a replica not measured yet).
+        replica_state: a replica's standing at its last check: ``"fresh"``
+            (serves reads), ``"lagging"``, ``"promoted"``, ``"down"`` or
+            ``"unknown"`` (not checked yet); None for a primary.
+        replicas: a primary's read replicas, each a snapshot of its own pool.
     """
 
     name: str
@@ -148,6 +155,10 @@ class PoolStats:
     wait_time: Histogram
     use_time: Histogram
     connect_time: Histogram
+    role: str = "primary"
+    lag_seconds: float | None = None
+    replica_state: str | None = None
+    replicas: tuple[PoolStats, ...] = ()
 
 
 class PoolCounters:

@@ -61,7 +61,12 @@ async def _until_signal(
 
 def _document(connector: DatabaseConnector) -> dict[str, Any]:
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
-    return {"time": now, "pools": {name: _pool(s) for name, s in connector.stats().items()}}
+    return {"time": now, "pools": {stats.name: _pool(stats) for stats in _every_pool(connector)}}
+
+
+def _every_pool(connector: DatabaseConnector) -> list[PoolStats]:
+    """Every pool's statistics, each primary followed by its read replicas."""
+    return [pool for stats in connector.stats().values() for pool in (stats, *stats.replicas)]
 
 
 def _pool(stats: PoolStats) -> dict[str, Any]:
@@ -79,6 +84,9 @@ def _pool(stats: PoolStats) -> dict[str, Any]:
         "errors": stats.errors,
         # An upper bound (the bucket's); null above the last bucket.
         "wait_p99_ms": None if math.isinf(p99) else round(p99 * 1000, 3),
+        "role": stats.role,
+        "lag_seconds": stats.lag_seconds,
+        "replica_state": stats.replica_state,
     }
 
 
@@ -87,11 +95,19 @@ def _table(connector: DatabaseConnector) -> Table:
     table = Table(title=f"pgsd pools at {now} (Ctrl-C to stop)", title_justify="left")
     for column in ("database", "state", "size", "in use", "idle", "waiting", "wait p99"):
         table.add_column(column)
-    for name, stats in connector.stats().items():
+    for stats in _every_pool(connector):
         row = _pool(stats)
         p99 = row["wait_p99_ms"]
         state = row["state"]
         color = "green" if state == "up" else "yellow" if state in ("opening", "paused") else "red"
+        name = stats.name
+        if stats.role == "replica":
+            name = f"  {name}"
+            state = f"{state}, {stats.replica_state}"
+            if stats.lag_seconds is not None:
+                state += f", lag {stats.lag_seconds:.1f} s"
+            if stats.replica_state != "fresh":
+                color = "red"
         table.add_row(
             name,
             f"[{color}]{state}[/{color}]",

@@ -117,8 +117,14 @@ _HISTOGRAMS: Final = (
 )
 #: PoolStats fields that are not one number each: ``name`` becomes the
 #: ``database`` label, ``state`` the ``up`` and ``state`` gauges; the
-#: histograms are in `_HISTOGRAMS`.
-_LABEL_FIELDS: Final = frozenset({"name", "state"} | {field for field, _, _ in _HISTOGRAMS})
+#: histograms are in `_HISTOGRAMS`. A primary's ``replicas`` are reported
+#: as pools of their own (their names say whose replicas they are), with
+#: ``lag_seconds`` and ``replica_state`` as the ``replica_lag_seconds`` and
+#: ``replica_fresh`` gauges; ``role`` is what tells them apart.
+_LABEL_FIELDS: Final = frozenset(
+    {"name", "state", "role", "replicas", "lag_seconds", "replica_state"}
+    | {field for field, _, _ in _HISTOGRAMS}
+)
 
 _STATES: Final[tuple[PoolState, ...]] = get_args(PoolState)
 
@@ -158,9 +164,11 @@ class PoolCollector:
     def collect(self) -> Iterator[Metric]:
         """The metric families with one sample per database."""
         snapshot = self.source.stats()
-        pools = [snapshot] if isinstance(snapshot, PoolStats) else list(snapshot.values())
+        primaries = [snapshot] if isinstance(snapshot, PoolStats) else list(snapshot.values())
+        pools = [pool for primary in primaries for pool in (primary, *primary.replicas)]
         families = self._families()
         up, state = families.pop("up"), families.pop("state")
+        lag, fresh = families.pop("replica_lag_seconds"), families.pop("replica_fresh")
         for export in _EXPORTS:
             family = families[export.field]
             for stats in pools:
@@ -172,6 +180,14 @@ class PoolCollector:
                 state.add_metric([stats.name, name], 1 if stats.state == name else 0)
         yield up
         yield state
+        for stats in pools:
+            if stats.role != "replica":
+                continue
+            fresh.add_metric([stats.name], 1 if stats.replica_state == "fresh" else 0)
+            if stats.lag_seconds is not None:
+                lag.add_metric([stats.name], stats.lag_seconds)
+        yield lag
+        yield fresh
         for field, suffix, documentation in _HISTOGRAMS:
             histogram = HistogramMetricFamily(
                 self._name(suffix), documentation, labels=["database"]
@@ -200,6 +216,16 @@ class PoolCollector:
             self._name("state"),
             "1 for the pool's current state (opening, up, down, paused or closed), else 0.",
             labels=["database", "state"],
+        )
+        families["replica_lag_seconds"] = GaugeMetricFamily(
+            self._name("replica_lag_seconds"),
+            "A read replica's lag behind its primary at its last check, in seconds.",
+            labels=["database"],
+        )
+        families["replica_fresh"] = GaugeMetricFamily(
+            self._name("replica_fresh"),
+            "1 when a read replica serves reads (up, in recovery, within max_replica_lag).",
+            labels=["database"],
         )
         return families
 

@@ -10,7 +10,9 @@ from the server (HikariCP's rule) and replaces a dead one unseen, and, with
 from __future__ import annotations
 
 import traceback
-from typing import TYPE_CHECKING, Final, overload
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, overload
 
 import psycopg
 
@@ -18,6 +20,7 @@ from .._errors import PoolClosed, PoolTimeout, TooManyWaiters
 from .entry import PING_TIMEOUT, Entry
 
 if TYPE_CHECKING:
+    from .._connection import Connection
     from .pipeline import Statement
     from .pool import ConnectionPool
 
@@ -168,3 +171,42 @@ def take_back_interrupted(pool: ConnectionPool, entry: Entry) -> None:
         pool._discard(entry)
     else:
         pool._put_back(entry)
+
+
+class DeferredLease:
+    """A lease whose pool is found only on entering (*resolve*), then lent as `connection()`.
+
+    For a pool not open yet (a connector's database added at run time) and
+    for a read whose replica is chosen when it starts.
+    """
+
+    __slots__ = ("_lease", "_read_only", "_resolve", "_timeout")
+
+    def __init__(
+        self,
+        resolve: Callable[[], Awaitable[ConnectionPool]],
+        timeout: float | None,
+        read_only: bool = False,
+    ) -> None:
+        self._resolve = resolve
+        self._timeout = timeout
+        self._read_only = read_only
+        self._lease: Any = None
+
+    async def __aenter__(self) -> Connection[Any]:
+        pool = await self._resolve()
+        lease = pool.connection(self._timeout, read_only=self._read_only)
+        conn = await lease.__aenter__()
+        self._lease = lease
+        return conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            # The pool's return is shielded and bounded by cancel_grace.
+            await lease.__aexit__(exc_type, exc, tb)  # noqa: ASYNC102

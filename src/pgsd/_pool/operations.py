@@ -1,4 +1,4 @@
-"""Changing a running pool: `drain`, `resize`, `pause` and `resume`.
+"""Changing a running pool: `drain`, `resize`, `pause` and `resume`; `wait_ready`.
 
 Each takes effect at once and costs the hot path nothing it did not pay
 already: `ConnectionPool._put_back`, where every connection comes back,
@@ -16,6 +16,7 @@ import anyio
 
 from .._errors import PoolClosed
 from .entry import Entry
+from .lending import timeout_error
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
@@ -26,7 +27,31 @@ logger = logging.getLogger("pgsd.pool")
 
 
 class Operations:
-    """The run-time operations of `ConnectionPool`."""
+    """The run-time operations of `ConnectionPool`, and waiting for it to be ready."""
+
+    async def wait_ready(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Wait until the pool holds ``min_size`` connections (at once when it is 0).
+
+        Raises:
+            PoolTimeout: not ready within ``timeout`` (default
+                ``acquire_timeout``); the message gives the last error.
+            PoolClosed: the pool is closed.
+            AuthenticationError, DatabaseNotFound, TLSError,
+                UnsupportedServerVersion: the first connection attempts
+                failed in a way waiting cannot cure.
+        """
+        pool: ConnectionPool = self  # type: ignore[assignment]
+        limit = pool._acquire_timeout if timeout is None else timeout
+        with anyio.move_on_after(limit):
+            while len(pool._entries) < pool._min_size:
+                if pool._closed:
+                    raise PoolClosed(f"pool {pool.name!r} is closed")
+                error = pool._availability.fail_fast_error(connections=len(pool._entries))
+                if error is not None:
+                    raise error
+                await pool._wait_changed()
+            return
+        raise timeout_error(pool, limit, "to open")
 
     async def drain(self) -> int:
         """Replace every connection: for new credentials, a new server behind a name, new settings.

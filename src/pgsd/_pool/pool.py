@@ -17,10 +17,12 @@ them back), `maintenance` (expiry, leaks, health checks).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any
 
@@ -36,9 +38,10 @@ from .availability import Availability, StateCallback
 from .cleanup import release
 from .entry import IDLE, PING_TIMEOUT, ConnectionFactory, Entry
 from .filler import Filler
-from .lending import acquire, timeout_error, worth_checking
+from .lending import acquire, worth_checking
 from .maintenance import Maintenance
 from .operations import Operations
+from .replicas import ReplicaSet
 from .statements import OneShot
 from .waiters import WaiterQueue
 
@@ -155,6 +158,7 @@ class ConnectionPool(OneShot, Operations):
         )
         self._filler = Filler(self, connection_factory or connect)
         self._maintenance = Maintenance(self)
+        self._replicas = ReplicaSet(self, connection_factory) if config.replicas else None
 
     def __repr__(self) -> str:
         return (
@@ -203,6 +207,8 @@ class ConnectionPool(OneShot, Operations):
         await tg.start(
             self._maintenance.run_maintenance, name=f"pgsd pool {self.name}: maintenance"
         )
+        if self._replicas is not None:
+            await tg.start(self._replicas.run_replicas, name=f"pgsd pool {self.name}: replicas")
         self._filler.grow()
 
     async def close(self) -> None:
@@ -231,6 +237,8 @@ class ConnectionPool(OneShot, Operations):
                 anyio.CancelScope(shield=True),
                 anyio.move_on_after(self.pool_config.close_timeout),
             ):
+                if self._replicas is not None:
+                    await self._replicas.close()
                 await self._maintenance.stop()
                 for queue in (self._idle, self._parked):
                     while queue:
@@ -253,7 +261,9 @@ class ConnectionPool(OneShot, Operations):
 
     # -- public API ----------------------------------------------------------
 
-    def connection(self, timeout: float | None = None) -> _Lease:
+    def connection(
+        self, timeout: float | None = None, *, read_only: bool = False
+    ) -> AbstractAsyncContextManager[Connection[Any]]:
         """Borrow a connection: ``async with pool.connection() as conn``.
 
         The connection is idle and in autocommit mode. When the block ends
@@ -265,6 +275,8 @@ class ConnectionPool(OneShot, Operations):
             timeout: seconds to wait for a connection (default
                 ``acquire_timeout``). An enclosing cancel scope is honoured
                 too.
+            read_only: a fresh read replica's connection, when the database
+                has ``replicas`` (see `ReplicaSet`); else this pool's.
 
         Raises:
             PoolTimeout: no connection within the timeout; the message says
@@ -276,31 +288,12 @@ class ConnectionPool(OneShot, Operations):
             AuthenticationError, DatabaseNotFound, TLSError: the pool has
                 never connected and its attempts fail in a way waiting cannot
                 cure (a mistake in the configuration).
+            NoReplicaAvailable: with ``read_only``, no replica qualifies and
+                ``replica_fallback`` is ``"error"``.
         """
+        if read_only and self._replicas is not None:
+            return self._replicas.lease(timeout)
         return _Lease(self, timeout)
-
-    async def wait_ready(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        """Wait until the pool holds ``min_size`` connections (at once when it is 0).
-
-        Raises:
-            PoolTimeout: not ready within ``timeout`` (default
-                ``acquire_timeout``); the message gives the last error.
-            PoolClosed: the pool is closed.
-            AuthenticationError, DatabaseNotFound, TLSError,
-                UnsupportedServerVersion: the first connection attempts
-                failed in a way waiting cannot cure.
-        """
-        limit = self._acquire_timeout if timeout is None else timeout
-        with anyio.move_on_after(limit):
-            while len(self._entries) < self._min_size:
-                if self._closed:
-                    raise PoolClosed(f"pool {self.name!r} is closed")
-                error = self._availability.fail_fast_error(connections=len(self._entries))
-                if error is not None:
-                    raise error
-                await self._wait_changed()
-            return
-        raise timeout_error(self, limit, "to open")
 
     async def ping(self) -> float:
         """Borrow a connection and ping it; return the round trip in seconds.
@@ -313,8 +306,8 @@ class ConnectionPool(OneShot, Operations):
             return await conn.ping(PING_TIMEOUT)
 
     def stats(self) -> PoolStats:
-        """A snapshot of the pool's gauges and counters."""
-        return self._counters.snapshot(
+        """A snapshot of the pool's gauges and counters (its replicas' in ``replicas``)."""
+        snapshot = self._counters.snapshot(
             name=self.name,
             state=self.state,
             min_size=self._min_size,
@@ -325,6 +318,9 @@ class ConnectionPool(OneShot, Operations):
             waiting=self._waiters.count,
             in_flight=sum(len(entry.pipeline.in_flight) for entry in self._pipelined),
         )
+        if self._replicas is None:
+            return snapshot
+        return dataclasses.replace(snapshot, replicas=self._replicas.stats())
 
     @property
     def state(self) -> PoolState:

@@ -44,40 +44,62 @@ class OneShot:
     """The one-shot statement methods of `ConnectionPool`."""
 
     async def fetchall(
-        self, query: Any, params: Any = None, *, row_factory: RowFactory[Any] | None = None
+        self,
+        query: Any,
+        params: Any = None,
+        *,
+        row_factory: RowFactory[Any] | None = None,
+        read_only: bool = False,
     ) -> list[Any]:
         """Run one statement in its own implicit transaction; return its rows.
+
+        With ``read_only=True`` it runs on a fresh read replica when the
+        database has ``replicas`` (as ``connection(read_only=True)``).
 
         Raises:
             psycopg.Error: the statement failed (the class a lent connection
                 would raise).
             OutcomeUnknown: the connection was lost with the statement in
                 flight; it may have run.
-            PoolTimeout, TooManyWaiters, PoolClosed: as `connection()`.
+            PoolTimeout, TooManyWaiters, PoolClosed, NoReplicaAvailable: as
+                `connection()`.
         """
         pool: ConnectionPool = self  # type: ignore[assignment]
+        if read_only and pool._replicas is not None:
+            pool = await pool._replicas.route()
         statement, pipeline = await _run(pool, query, params)
         return _rows(pipeline, statement, row_factory, None)
 
     async def fetchone(
-        self, query: Any, params: Any = None, *, row_factory: RowFactory[Any] | None = None
+        self,
+        query: Any,
+        params: Any = None,
+        *,
+        row_factory: RowFactory[Any] | None = None,
+        read_only: bool = False,
     ) -> Any:
         """As `fetchall`; the first row, or None."""
         pool: ConnectionPool = self  # type: ignore[assignment]
+        if read_only and pool._replicas is not None:
+            pool = await pool._replicas.route()
         statement, pipeline = await _run(pool, query, params)
         rows = _rows(pipeline, statement, row_factory, 1)
         return rows[0] if rows else None
 
-    async def fetchval(self, query: Any, params: Any = None) -> Any:
+    async def fetchval(self, query: Any, params: Any = None, *, read_only: bool = False) -> Any:
         """As `fetchall`; the first column of the first row, or None."""
         pool: ConnectionPool = self  # type: ignore[assignment]
+        if read_only and pool._replicas is not None:
+            pool = await pool._replicas.route()
         statement, pipeline = await _run(pool, query, params)
         rows = _rows(pipeline, statement, None, 1)
         return rows[0][0] if rows and rows[0] else None
 
-    async def execute(self, query: Any, params: Any = None) -> int:
+    async def execute(self, query: Any, params: Any = None, *, read_only: bool = False) -> int:
         """As `fetchall`; the number of rows affected (-1 when the command gives none)."""
         pool: ConnectionPool = self  # type: ignore[assignment]
+        if read_only and pool._replicas is not None:
+            pool = await pool._replicas.route()
         statement, _ = await _run(pool, query, params)
         return rowcount(statement)
 
