@@ -259,6 +259,32 @@ async def test_a_promoted_replica_is_no_longer_used_as_one(own: Cluster) -> None
             assert set(ports) == {first.port}
 
 
+async def test_a_replica_cut_off_from_its_primary_is_noticed_and_goes_stale_on_writes(
+    own: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, first, second = own
+    caplog.set_level(logging.INFO, logger="pgsd.pool")
+    async with fresh(own) as pool:
+        with anyio.fail_after(60):
+            # The standby's replication connection now goes nowhere: the
+            # primary no longer lists it among those it streams to.
+            [(conninfo,)] = first.execute("SHOW primary_conninfo")
+            first.execute("ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=1'")
+            first.execute("SELECT pg_reload_conf()")
+            cut_off = f"replica {pool.stats().replicas[0].name!r} of 'postgres' receives no WAL"
+            await until(lambda: any(cut_off in r.getMessage() for r in caplog.records), _POLLS)
+            async with writing(pool):
+                await until(lambda: states(pool)[0] == "lagging", _POLLS)
+                ports = await read_ports(pool, 20)
+            assert set(ports) == {second.port}
+            quoted = conninfo.replace("'", "''")  # ALTER SYSTEM takes no parameters
+            first.execute(f"ALTER SYSTEM SET primary_conninfo = '{quoted}'")
+            first.execute("SELECT pg_reload_conf()")
+            await until(lambda: states(pool) == ["fresh", "fresh"], _POLLS)
+    again = [r for r in caplog.records if "receives WAL again" in r.getMessage()]
+    assert len(again) == 1
+
+
 async def test_under_load_no_server_holds_more_than_its_pools_max_size(shared: Cluster) -> None:
     config = replicated(shared)
     name = config.application_name

@@ -177,7 +177,7 @@ class ReplicaSet:
             )
             return
         in_recovery, replayed, receiving = row
-        replica.streaming = bool(receiving)
+        self._note_streaming(replica, bool(in_recovery and receiving))
         if not in_recovery:
             replica.lag = None
             self._set(replica, "promoted", "not in recovery: promoted, no longer a standby")
@@ -193,6 +193,27 @@ class ReplicaSet:
             )
         else:
             self._set(replica, "fresh", "fresh")
+
+    def _note_streaming(self, replica: Replica, streaming: bool) -> None:
+        """Log a standby that stops (or starts again) receiving WAL from a primary.
+
+        One that has stopped, from this primary or from any, is not passed
+        over for that alone: it is fresh for as long as the primary writes
+        nothing it has not replayed, and goes ``lagging`` when it writes.
+        """
+        if streaming != replica.streaming and replica.streaming is not None:
+            if streaming:
+                logger.info(
+                    "replica %r of %r receives WAL again", replica.pool.name, self.primary.name
+                )
+            else:
+                logger.warning(
+                    "replica %r of %r receives no WAL (no WAL receiver runs): it is no"
+                    " longer replicating, and goes stale once the primary writes",
+                    replica.pool.name,
+                    self.primary.name,
+                )
+        replica.streaming = streaming
 
     def _lag(self, at: float, replayed: int | None) -> float | None:
         """How long ago the primary had written no more than *replayed*."""
