@@ -141,3 +141,23 @@ async def test_one_pool_and_its_waits(
 def test_instrument_refuses_other_objects() -> None:
     with pytest.raises(TypeError):
         instrument(object())  # type: ignore[arg-type]
+
+
+async def test_a_pools_read_replicas_are_reported_under_their_own_names(
+    pg_server: PostgresServer, reader: InMemoryMetricReader, provider: Any
+) -> None:
+    # The same server under another name stands in for a replica: the
+    # metrics are what is tested (tests/test_replicas.py has real standbys).
+    config = db_config(pg_server, replicas=[f"host=localhost port={pg_server.port}"])
+    pool = pgsd.ConnectionPool(config, pgsd.PoolConfig(min_size=1, max_size=2))
+    instrument(pool, meter_provider=provider)
+    async with pool:
+        with anyio.fail_after(BOUND):
+            await until(lambda: pool.stats().replicas[0].size == 1)
+        [replica] = pool.stats().replicas
+        points = collected(reader)
+    assert replica.name == f"{config.display_name} replica localhost:{pg_server.port}"
+    assert point(points, "db.client.connection.max", **{POOL_NAME: replica.name}).value == 2
+    assert point(points, "db.client.connection.max", **{POOL_NAME: pool.name}).value == 2
+    creates = point(points, "db.client.connection.create_time", **{POOL_NAME: replica.name})
+    assert creates.count >= 1

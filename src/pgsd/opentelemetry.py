@@ -156,15 +156,20 @@ class Instrumentation:
         vars(pool)["_lend_now"] = lend_now
         vars(pool)["_return_now"] = return_now
         self._pools.append(pool)
+        if pool._replicas is not None:  # each read replica's pool, under its own name
+            for replica in pool._replicas.replicas:
+                self._attach(replica.pool)
 
     def _snapshots(self) -> Iterator[PoolStats]:
         if not self._active:
             return
         source = self._source
-        if isinstance(source, ConnectionPool):
-            yield source.stats()
-        else:
-            yield from source.stats().values()
+        primaries = (
+            [source.stats()] if isinstance(source, ConnectionPool) else source.stats().values()
+        )
+        for stats in primaries:
+            yield stats
+            yield from stats.replicas
 
     def _counts(self, options: CallbackOptions) -> Iterable[Observation]:
         for stats in self._snapshots():
