@@ -226,7 +226,7 @@ class ReplicaSet:
         return max(0.0, at - samples[0][0])  # behind every sample: at least this much
 
     def _set(self, replica: Replica, state: str, reason: str) -> None:
-        if state != replica.state and (state in ("promoted", "down") or replica.state != "unknown"):
+        if state != replica.state and not (replica.state == "unknown" and state == "fresh"):
             level = logging.INFO if state == "fresh" else logging.WARNING
             logger.log(level, "replica %r of %r: %s", replica.pool.name, self.primary.name, reason)
         replica.state = state
