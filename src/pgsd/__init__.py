@@ -18,6 +18,7 @@ from ._errors import ConnectError as ConnectError
 from ._errors import ConnectTimeout as ConnectTimeout
 from ._errors import DatabaseNotFound as DatabaseNotFound
 from ._errors import InsufficientPrivileges as InsufficientPrivileges
+from ._errors import ListenError as ListenError
 from ._errors import NoReplicaAvailable as NoReplicaAvailable
 from ._errors import OutcomeUnknown as OutcomeUnknown
 from ._errors import PasswordProviderError as PasswordProviderError
@@ -34,6 +35,8 @@ from ._permissions import RoleAttributes as RoleAttributes
 from ._permissions import check_permissions as check_permissions
 from ._permissions import require_permissions as require_permissions
 from ._pool import ConnectionPool as ConnectionPool
+from ._pool import ListenGap as ListenGap
+from ._pool import Notification as Notification
 from ._reports import ConnectionReport as ConnectionReport
 from ._stats import Histogram as Histogram
 from ._stats import PoolState as PoolState
@@ -60,7 +63,10 @@ __all__ = [
     "DatabaseNotFound",
     "Histogram",
     "InsufficientPrivileges",
+    "ListenError",
+    "ListenGap",
     "NoReplicaAvailable",
+    "Notification",
     "OutcomeUnknown",
     "PasswordCommand",
     "PasswordProviderError",

@@ -23,6 +23,7 @@ from ._connection import Connection
 from ._errors import ConfigError, PgsdError, PoolClosed, redact
 from ._pool import ConnectionPool, StateCallback
 from ._pool.lending import DeferredLease
+from ._pool.listen import Listener, OnGap
 from ._runtime import RunTimeDatabases
 from ._stats import PoolStats
 from ._verifying import Verifying
@@ -352,6 +353,38 @@ class DatabaseConnector(_OneShotByName, RunTimeDatabases, Verifying):
         # A config not seen yet (its pool is made on entering), or a database
         # added at run time whose pool is not open yet (entering waits for it).
         return DeferredLease(lambda: self._resolve(target), timeout, read_only)
+
+    def listen(
+        self,
+        target: Target,
+        channel: str,
+        *more_channels: str,
+        max_buffered: int = 1000,
+        overflow: str = "gap",
+        on_gap: OnGap | None = None,
+        reconnect_timeout: float | None = None,
+    ) -> Listener:
+        """Receive a database's notifications: see `ConnectionPool.listen`.
+
+        ``async with connector.listen("app", "jobs") as notifications``.
+
+        Raises:
+            ConfigError: a channel or option is invalid (at once); on
+                entering, no database has that name.
+        """
+        return Listener(
+            lambda: self._resolve(target),
+            (channel, *more_channels),
+            max_buffered=max_buffered,
+            overflow=overflow,
+            on_gap=on_gap,
+            reconnect_timeout=reconnect_timeout,
+        )
+
+    async def notify(self, target: Target, channel: str, payload: str = "") -> None:
+        """Send a notification through the database's pool (``pg_notify``, with parameters)."""
+        pool = await self._resolve(target)
+        await pool.notify(channel, payload)
 
     def pool(self, name: str) -> ConnectionPool:
         """The pool of the database named ``name``.

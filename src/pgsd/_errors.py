@@ -249,6 +249,17 @@ class PoolTimeout(PgsdError):
     __module__ = "pgsd"
 
 
+class ListenError(PgsdError):
+    """A listener cannot deliver notifications.
+
+    Notifications do not reach its connection (a pooler in transaction
+    mode in between), or its database stayed down past the listener's
+    ``reconnect_timeout``.
+    """
+
+    __module__ = "pgsd"
+
+
 class NoReplicaAvailable(PgsdError):
     """A read asked for a replica (``read_only=True``) and none qualifies.
 

@@ -9,11 +9,22 @@ The parts it delegates to, each one job:
 * `filler`: how many connections are wanted, and the attempts that open them;
 * `cleanup`: taking a connection back clean, or replacing it;
 * `maintenance`: idle and lifetime expiry, leak reports, health checks;
+* `replicas`: read replicas, their lag, where reads go;
+* `listen`: LISTEN on a connection of its own, across reconnects;
 * `entry`: one pooled connection's bookkeeping.
 """
 
 from .availability import StateCallback
 from .entry import ConnectionFactory
+from .listen import Listener, ListenGap, Notification
 from .pool import ConnectionPool, Hook
 
-__all__ = ["ConnectionFactory", "ConnectionPool", "Hook", "StateCallback"]
+__all__ = [
+    "ConnectionFactory",
+    "ConnectionPool",
+    "Hook",
+    "ListenGap",
+    "Listener",
+    "Notification",
+    "StateCallback",
+]

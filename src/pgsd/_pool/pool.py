@@ -39,6 +39,7 @@ from .cleanup import release
 from .entry import IDLE, PING_TIMEOUT, ConnectionFactory, Entry
 from .filler import Filler
 from .lending import acquire, worth_checking
+from .listen import Listening
 from .maintenance import Maintenance
 from .operations import Operations
 from .replicas import ReplicaSet
@@ -82,7 +83,7 @@ class _Lease:
             await release(self._pool, entry, exc)  # noqa: ASYNC102
 
 
-class ConnectionPool(OneShot, Operations):
+class ConnectionPool(OneShot, Operations, Listening):
     """Connections to one database, lent to one task at a time.
 
     Use it as an async context manager; its tasks run until it is closed::
