@@ -47,7 +47,7 @@ lint: setup
     {{python}} -m ruff check src tests benchmarks loadtest
     {{python}} -m ruff format --check src tests benchmarks loadtest
     git ls-files -z --cached --others --exclude-standard '*.py' | xargs -0 {{python}} -m flake8_async --anyio \
-        --startable-in-context-manager=_run_pool,_watch_signals,_until_signal,request,run_maintenance,run_started_tasks,run_replicas,_keep_open
+        --startable-in-context-manager=_run_pool,_watch_signals,_until_signal,request,run_maintenance,run_started_tasks,run_replicas,_keep_open,_read
     {{python}} -m mypy
     {{python}} -m mypy --strict tests/typing
 

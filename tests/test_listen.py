@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import pgsd
@@ -197,6 +198,51 @@ async def test_a_network_reset_gives_a_gap_then_delivery_resumes(
                     await pool.notify("jobs", "after the reset")
                     [item] = await take(notifications, 1)
     assert item.payload == "after the reset"
+
+
+async def test_a_connection_gone_silent_is_found_by_a_ping_and_replaced(
+    pg_server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pgsd.listen")
+    async with FaultProxy(pg_server.host, pg_server.port) as proxy:
+        config = db_config(pg_server, connect_timeout=2, **proxy.dsn_params())
+        pool_config = pgsd.PoolConfig(**_POOL, health_check_interval=0.5)
+        async with pgsd.ConnectionPool(config, pool_config) as pool:
+            with anyio.fail_after(BOUND):
+                async with pool.listen("jobs") as notifications:
+                    # No RST, no FIN: the packets just stop (a NAT, a failover).
+                    proxy.set_mode("blackhole")
+                    await until(lambda: "lost its connection" in caplog.text, 2000)
+                    proxy.set_mode("pass")
+                    [gap] = await take(notifications, 1)
+                    assert isinstance(gap, pgsd.ListenGap)
+                    assert "ping" in (gap.error or "")
+                    await pool.notify("jobs", "after the silence")
+                    [item] = await take(notifications, 1)
+    assert item.payload == "after the silence"
+
+
+async def test_several_consumers_share_one_listener_and_all_end_with_it(
+    pg_server: PostgresServer,
+) -> None:
+    got: list[list[str]] = [[], []]
+    async with open_pool(db_config(pg_server)) as pool:
+        with anyio.fail_after(BOUND):
+            async with anyio.create_task_group() as tg:
+                async with pool.listen("jobs") as notifications:
+
+                    async def consume(mine: list[str]) -> None:
+                        async for item in notifications:
+                            mine.append(item.payload)
+                            await anyio.lowlevel.checkpoint()
+
+                    for mine in got:
+                        tg.start_soon(consume, mine)
+                    for n in range(20):
+                        await pool.notify("jobs", str(n))
+                    await until(lambda: len(got[0]) + len(got[1]) == 20)
+                # Leaving the block ends both consumers' iterations.
+    assert sorted(got[0] + got[1], key=int) == [str(n) for n in range(20)]
 
 
 async def test_on_gap_is_called_instead_of_yielding_the_gap(pg_server: PostgresServer) -> None:

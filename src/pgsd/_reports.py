@@ -191,11 +191,12 @@ async def verify_pool(pool: ConnectionPool, timeout: float) -> ConnectionReport:
 async def _verify_replica(replica: Replica, timeout: float) -> ConnectionReport:  # noqa: ASYNC109
     """A replica's own checks, with its standing: ok only when fresh too."""
     report = await _Verification(replica.pool, timeout).run()
-    fresh = replica.usable()
+    now, max_lag = anyio.current_time(), replica.config.max_replica_lag
+    fresh = replica.usable(now, max_lag)
     return dataclasses.replace(
         report,
         ok=report.ok and fresh,
-        error=report.error or (None if fresh else replica.why_not()),
+        error=report.error or (None if fresh else replica.why_not(now, max_lag)),
         role="replica",
         lag_seconds=replica.lag,
         replica_state=replica.state,

@@ -31,12 +31,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, Self
 
 import anyio
+import anyio.abc
 import psycopg
 from psycopg import sql
 
 from .._backoff import Backoff
 from .._connection import Connection
 from .._errors import ConfigError, ListenError, PgsdError, PoolClosed, redact
+from .entry import PING_TIMEOUT
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
@@ -134,30 +136,37 @@ class Listener:
         self._conn: Connection[Any] | None = None
         self._scope: anyio.CancelScope | None = None
         self._reader_done: anyio.Event | None = None
+        #: A channel of its own, for the check that notifications arrive.
+        self._probe = f"pgsd_probe_{secrets.token_hex(8)}"
+        self._probed: anyio.Event | None = None
+        self._entered = False
 
     # -- the context manager -----------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        """Connect, LISTEN, check that notifications arrive, start reading.
+        """Connect, LISTEN, start reading, and check that notifications arrive.
 
         Raises:
             ConnectError: the first connection failed.
             ListenError: notifications do not reach this connection (a
                 pooler in transaction mode in between).
             PoolClosed: the pool is closed.
+            PoolTimeout: the pool could not send the check's notification.
         """
         self._pool = pool = await self._resolve()
-        if pool._closed:
-            raise PoolClosed(f"pool {pool.name!r} is closed")
-        conn = await self._connect()
-        try:
-            await self._check_delivery(conn)
-        except BaseException:
-            conn.abort()
-            raise
-        self._conn = conn
+        self._conn = await self._connect()
         self._arrived, self._room, self._reader_done = anyio.Event(), anyio.Event(), anyio.Event()
-        self._pool._spawn(self._read)
+        try:
+            task_group = pool._task_group
+            if pool._closed or task_group is None:
+                raise PoolClosed(f"pool {pool.name!r} is closed")
+            # Started, not spawned: the reader runs (inside its try) before
+            # anything is sent, and a pool closing later stops it visibly.
+            await task_group.start(self._read)
+            await self._check_delivery()
+        except BaseException:
+            await self.__aexit__(None, None, None)  # noqa: ASYNC102 (shielded, bounded)
+            raise
         return self
 
     async def __aexit__(
@@ -168,6 +177,7 @@ class Listener:
     ) -> None:
         """Stop reading, UNLISTEN and close: shielded, within the pool's ``cancel_grace``."""
         self._ended = True
+        self._wake()  # a consumer in another task sees the end
         with anyio.CancelScope(shield=True):
             if self._scope is not None:
                 self._scope.cancel()
@@ -226,7 +236,8 @@ class Listener:
                 raise self._failure
             if self._ended or self._arrived is None:
                 raise StopAsyncIteration
-            self._arrived = anyio.Event()
+            if self._arrived.is_set():  # else other consumers wait on it too
+                self._arrived = anyio.Event()
             await self._arrived.wait()
         item = self._buffer.popleft()
         if self._dropped and len(self._buffer) < self._max:
@@ -241,21 +252,19 @@ class Listener:
 
     # -- the reading task ---------------------------------------------------------------
 
-    async def _read(self) -> None:
+    async def _read(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         try:
             with anyio.CancelScope() as scope:
                 self._scope = scope
-                if self._ended:
-                    scope.cancel()
+                task_status.started()
                 while True:
                     conn = self._conn
                     assert conn is not None
                     try:
-                        async with contextlib.aclosing(conn.notifies()) as notifies:
-                            async for notify in notifies:
-                                await self._put(
-                                    Notification(notify.channel, notify.payload, notify.pid)
-                                )
+                        await self._read_until_quiet(conn)
+                        # Nothing for a while: a connection that died without a
+                        # word (no RST: a NAT, a failover) answers no ping.
+                        await conn.ping(PING_TIMEOUT)
                     except (psycopg.OperationalError, OSError) as ex:
                         lost = redact(str(ex).strip()) or type(ex).__name__
                         logger.warning(
@@ -274,9 +283,25 @@ class Listener:
             if self._reader_done is not None:
                 self._reader_done.set()
 
+    async def _read_until_quiet(self, conn: Connection[Any]) -> None:
+        """Take what arrives for ``health_check_interval`` seconds.
+
+        One generator for the whole spell: closing psycopg's early would
+        drop the rest of the batch it was yielding.
+        """
+        interval = self._pool.pool_config.health_check_interval
+        async with contextlib.aclosing(conn.notifies(timeout=interval)) as notifies:
+            async for notify in notifies:
+                if notify.channel == self._probe:
+                    if self._probed is not None:
+                        self._probed.set()
+                    continue
+                await self._put(Notification(notify.channel, notify.payload, notify.pid))
+
     async def _put(self, item: Notification) -> None:
         while len(self._buffer) >= self._max:
-            if self._overflow == "gap":
+            # Nobody takes anything before entering has ended: no blocking then.
+            if self._overflow == "gap" or not self._entered:
                 self._dropped += 1
                 self._dropped_total += 1
                 return
@@ -302,7 +327,7 @@ class Listener:
         conn: Connection[Any] = await self._pool._filler._factory(self._pool.config)
         try:
             await conn.set_autocommit(True)
-            for channel in self.channels:
+            for channel in (*self.channels, self._probe):
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         except BaseException:
             conn.abort()
@@ -326,26 +351,27 @@ class Listener:
             try:
                 conn = await self._connect()
             except (PgsdError, psycopg.Error, OSError) as ex:
-                last = redact(str(ex).strip()) or type(ex).__name__
+                error = redact(str(ex).strip()) or type(ex).__name__
+                if backoff.attempts == 1 or error != last:  # each new reason, once
+                    logger.warning(
+                        "listener on %r: reconnecting failed, retrying with backoff: %s",
+                        self._pool.name,
+                        error,
+                    )
+                last = error
                 continue
             logger.info("listener on %r: reconnected, listening again", self._pool.name)
             return conn
 
-    async def _check_delivery(self, conn: Connection[Any]) -> None:
-        """Send a notification on a channel of our own through the pool; wait for it here."""
-        probe = f"pgsd_probe_{secrets.token_hex(8)}"
-        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(probe)))
-        await self._pool.execute("SELECT pg_notify(%s, '')", [probe])
+    async def _check_delivery(self) -> None:
+        """Send a notification on the probe channel through the pool; wait until it is read."""
+        self._probed = probed = anyio.Event()
+        await self._pool.execute("SELECT pg_notify(%s, '')", [self._probe])
         limit = min(_PROBE_TIMEOUT, self._pool.config.connect_timeout)
-        arrived = False
-        async with contextlib.aclosing(conn.notifies(timeout=limit)) as notifies:
-            async for notify in notifies:
-                if notify.channel == probe:
-                    arrived = True
-                    break
-                await self._put(Notification(notify.channel, notify.payload, notify.pid))
-        if arrived:
-            await conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(probe)))
+        with anyio.move_on_after(limit):
+            await probed.wait()
+            self._entered = True
+            self._room_freed()
             return
         raise ListenError(
             f"listener on {self._pool.name!r}: a notification sent to this database did not"

@@ -239,13 +239,15 @@ class ConnectionPool(OneShot, Operations, Listening):
                 anyio.move_on_after(self.pool_config.close_timeout),
             ):
                 if self._replicas is not None:
-                    await self._replicas.close()
+                    self._replicas.stop()  # they close meanwhile, each on its own budget
                 await self._maintenance.stop()
                 for queue in (self._idle, self._parked):
                     while queue:
                         self._discard(queue.pop())
                 while self._entries:
                     await self._wait_changed()
+                if self._replicas is not None:
+                    await self._replicas.wait_closed()
         finally:
             tg, self._task_group = self._task_group, None
             if tg is not None:

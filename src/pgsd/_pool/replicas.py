@@ -7,14 +7,16 @@ as any pool does), and a task that measures every standby's lag each
 to a fresh one, the least busy first; writes never see them.
 
 What "fresh" means: a standby is in recovery and has replayed everything
-the primary had written at most ``max_replica_lag`` seconds ago. Each round
-the task samples the primary's WAL position, then asks every standby how
-far it has replayed; a standby's lag is how long ago the newest sample it
-has replayed was taken. An idle primary's position does not move, so a
-standby that has replayed it is fresh however old its last transaction
-is; a primary that cannot be sampled adds no samples, so the lag it would
-vouch for grows until the standbys stop qualifying (pgsd cannot know what
-a primary it does not reach has written).
+the primary had written at most ``max_replica_lag`` seconds ago. Every
+interval the task samples the primary's WAL position, and asks every
+standby how far it has replayed (each on its own beat: one that does not
+answer delays no other); a standby's lag is how long ago the newest sample
+it has replayed was taken, and it ages until the next check answers. An
+idle primary's position does not move, so a standby that has replayed it
+is fresh however old its last transaction is; a primary that cannot be
+sampled adds no samples, so the lag it would vouch for grows until the
+standbys stop qualifying (pgsd cannot know what a primary it does not
+reach has written).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def check_interval(max_lag: float) -> float:
 class Replica:
     """One standby: its pool and what its last check found."""
 
-    __slots__ = ("config", "lag", "pool", "reason", "state", "streaming")
+    __slots__ = ("checked_at", "config", "lag", "pool", "reason", "state", "streaming")
 
     def __init__(self, pool: ConnectionPool, config: DatabaseConfig) -> None:
         self.pool = pool
@@ -68,13 +70,25 @@ class Replica:
         self.lag: float | None = None
         self.streaming: bool | None = None
         self.reason = "not checked yet"
+        #: When the last check that measured ``lag`` began.
+        self.checked_at = 0.0
 
-    def usable(self) -> bool:
-        return self.state == "fresh" and self.pool.state == "up"
+    def usable(self, now: float, max_lag: float) -> bool:
+        """Fresh at its last check, and still: the lag grows while no check answers."""
+        return (
+            self.state == "fresh"
+            and self.pool.state == "up"
+            and (self.lag or 0.0) + (now - self.checked_at) <= max_lag
+        )
 
-    def why_not(self) -> str:
+    def why_not(self, now: float, max_lag: float) -> str:
         if self.state == "fresh" and self.pool.state != "up":
             return f"its pool is {self.pool.state}"
+        if self.state == "fresh":
+            return (
+                f"not checked for {now - self.checked_at:.1f} s, so perhaps more than"
+                f" max_replica_lag={max_lag:g} s behind"
+            )
         return self.reason
 
 
@@ -103,8 +117,6 @@ class ReplicaSet:
         self._checked: anyio.Event | None = None
         self._stop: anyio.Event | None = None
         self._done: anyio.Event | None = None
-        #: Completed rounds of checks (for tests and reports).
-        self.rounds = 0
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -122,22 +134,50 @@ class ReplicaSet:
         finally:
             self._done.set()
 
-    async def close(self) -> None:
-        """Close every standby's pool (each within its ``close_timeout``)."""
-        if self._stop is None or self._done is None:
-            return
-        self._stop.set()
-        await self._done.wait()
+    def stop(self) -> None:
+        """Start closing every standby's pool (each within its own ``close_timeout``)."""
+        if self._stop is not None:
+            self._stop.set()
+
+    async def wait_closed(self) -> None:
+        """Wait until every standby's pool is closed (after `stop`)."""
+        if self._done is not None:
+            await self._done.wait()
 
     # -- checks ------------------------------------------------------------------
 
     async def _watch(self) -> None:
-        while True:
-            await self.check_now()
-            await anyio.sleep(self.interval)
+        """Sample the primary, and check each standby, each on its own beat.
 
-    async def check_now(self) -> None:
-        """One round: sample the primary, then check every standby at once."""
+        Independent loops: a standby that does not answer holds up neither
+        the samples nor the other standbys' checks.
+        """
+        await self._sample()
+        pending = len(self.replicas)
+
+        async def check_loop(replica: Replica) -> None:
+            nonlocal pending
+            known = False
+            while True:
+                await self._check(replica)
+                if not known and replica.state != "unknown":
+                    # A standby behind the first sample (a primary that writes)
+                    # is known at a later check, once samples are behind it.
+                    known = True
+                    pending -= 1
+                    if pending == 0 and self._checked is not None:
+                        self._checked.set()  # every standby's standing known
+                await anyio.sleep(self.interval)
+
+        async with anyio.create_task_group() as tg:
+            for replica in self.replicas:
+                tg.start_soon(check_loop, replica)
+            while True:
+                await anyio.sleep(self.interval)
+                await self._sample()
+
+    async def _sample(self) -> None:
+        """Note the primary's WAL position, and forget samples older than needed."""
         now = self.primary._now()
         position = await self._primary_position()
         samples = self._samples
@@ -145,12 +185,6 @@ class ReplicaSet:
             samples.append((now, position))
         while len(samples) > 1 and samples[0][0] < now - self._window:
             samples.popleft()
-        async with anyio.create_task_group() as tg:
-            for replica in self.replicas:
-                tg.start_soon(self._check, replica)
-        self.rounds += 1
-        if self._checked is not None:
-            self._checked.set()
 
     async def _primary_position(self) -> int | None:
         with anyio.move_on_after(self.timeout):
@@ -158,7 +192,9 @@ class ReplicaSet:
                 return int(await self.primary.fetchval(_PRIMARY_POSITION))
             except (psycopg.Error, PgsdError) as ex:
                 logger.debug(
-                    "pool %r: no WAL position for the lag checks: %s", self.primary.name, ex
+                    "pool %r: no WAL position for lag checks: %s",
+                    self.primary.name,
+                    _first_line(ex),
                 )
         return None
 
@@ -172,9 +208,7 @@ class ReplicaSet:
             self._set(replica, "down", f"no answer to the lag check within {self.timeout:g} s")
             return
         except (psycopg.Error, PgsdError) as ex:
-            self._set(
-                replica, "down", redact(str(ex)).splitlines()[0] if str(ex) else type(ex).__name__
-            )
+            self._set(replica, "down", _first_line(ex))
             return
         in_recovery, replayed, receiving = row
         self._note_streaming(replica, bool(in_recovery and receiving))
@@ -183,8 +217,16 @@ class ReplicaSet:
             self._set(replica, "promoted", "not in recovery: promoted, no longer a standby")
             return
         replica.lag = lag = self._lag(started, int(replayed) if replayed is not None else None)
+        replica.checked_at = started
         if lag is None:
             self._set(replica, "unknown", "its lag is unknown: the primary has not been sampled")
+        elif lag < 0:
+            replica.lag = None
+            self._set(
+                replica,
+                "unknown",
+                "behind every sample of the primary taken so far: its lag is not known yet",
+            )
         elif lag > self.max_lag:
             self._set(
                 replica,
@@ -216,14 +258,21 @@ class ReplicaSet:
         replica.streaming = streaming
 
     def _lag(self, at: float, replayed: int | None) -> float | None:
-        """How long ago the primary had written no more than *replayed*."""
+        """How long ago the primary had written no more than *replayed*.
+
+        None without a sample, -1.0 when behind every sample while they
+        cover less than ``max_lag``.
+        """
         samples = self._samples
         if not samples or replayed is None:
             return None
         for taken, position in reversed(samples):
             if position <= replayed:
                 return max(0.0, at - taken)
-        return max(0.0, at - samples[0][0])  # behind every sample: at least this much
+        # Behind every sample: at least as old as the oldest, more is unknown.
+        # Past the bound that is enough to say; before it, it says nothing (-1).
+        oldest = at - samples[0][0]
+        return oldest if oldest > self.max_lag else -1.0
 
     def _set(self, replica: Replica, state: str, reason: str) -> None:
         if state != replica.state and not (replica.state == "unknown" and state == "fresh"):
@@ -235,9 +284,9 @@ class ReplicaSet:
     # -- routing -----------------------------------------------------------------
 
     async def first_round(self) -> None:
-        """Wait until the first round of checks is done (at most its timeout)."""
+        """Wait until every standby's standing is known (at most a check's timeout)."""
         if self._checked is not None and not self._checked.is_set():
-            with anyio.move_on_after(self.timeout + self.interval):
+            with anyio.move_on_after(self.timeout + 2 * self.interval):
                 await self._checked.wait()
 
     async def route(self) -> ConnectionPool:
@@ -247,13 +296,14 @@ class ReplicaSet:
         none fresh: the primary (logged once), or `NoReplicaAvailable`.
         """
         await self.first_round()
+        now = self.primary._now()
         best: Replica | None = None
         best_load = math.inf
         count = len(self.replicas)
         self._turn = turn = (self._turn + 1) % count
         for offset in range(count):
             replica = self.replicas[(turn + offset) % count]
-            if not replica.usable():
+            if not replica.usable(now, self.max_lag):
                 continue
             pool = replica.pool
             load = (len(pool._entries) - len(pool._idle) + pool._waiters.count) / pool._max_size
@@ -265,7 +315,8 @@ class ReplicaSet:
                 logger.info("pool %r: reads go to its replicas again", self.primary.name)
             return best.pool
         reasons = "; ".join(
-            f"{r.pool.name} ({r.config.address}): {r.why_not()}" for r in self.replicas
+            f"{r.pool.name} ({r.config.address}): {r.why_not(now, self.max_lag)}"
+            for r in self.replicas
         )
         if self.fallback == "error":
             raise NoReplicaAvailable(
