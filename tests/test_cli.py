@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -333,3 +334,17 @@ def test_watch_refuses_a_bad_interval(tmp_path: Path) -> None:
     result = run_pgsd("check", "--watch", "0", "postgresql://127.0.0.1:1/x", cwd=tmp_path)
     assert result.returncode == 2
     assert "--watch takes a positive number" in result.stderr
+
+
+def test_the_changelog_keeps_the_keep_a_changelog_layout() -> None:
+    changelog = Path(__file__).resolve().parent.parent / "CHANGELOG.md"
+    lines = changelog.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "# Changelog"
+    releases = [line for line in lines if line.startswith("## ")]
+    assert releases[0] == "## [Unreleased]"
+    for heading in releases[1:]:  # "## [1.2.0] - 2027-01-31", newest first
+        assert re.fullmatch(r"## \[\d+\.\d+\.\d+\] - \d{4}-\d{2}-\d{2}", heading), heading
+    kinds = {line for line in lines if line.startswith("### ")}
+    allowed = {"Added", "Changed", "Deprecated", "Removed", "Fixed", "Security"}
+    assert kinds <= {f"### {kind}" for kind in allowed}, kinds
+    assert kinds  # something is written under the releases
