@@ -44,8 +44,8 @@ test-matrix *majors="13 14 15 16 17 18": setup
 
 # ruff (lint, format), flake8-async's anyio and trio rules, mypy --strict on src and on the API's typing test
 lint: setup
-    {{python}} -m ruff check src tests benchmarks loadtest
-    {{python}} -m ruff format --check src tests benchmarks loadtest
+    {{python}} -m ruff check src tests benchmarks loadtest examples
+    {{python}} -m ruff format --check src tests benchmarks loadtest examples
     git ls-files -z --cached --others --exclude-standard '*.py' | xargs -0 {{python}} -m flake8_async --anyio \
         --startable-in-context-manager=_run_pool,_watch_signals,_until_signal,request,run_maintenance,run_started_tasks,run_replicas,_keep_open,_read
     {{python}} -m mypy
@@ -53,8 +53,8 @@ lint: setup
 
 # format the code
 fmt: setup
-    {{python}} -m ruff format src tests benchmarks loadtest
-    {{python}} -m ruff check --fix src tests benchmarks loadtest
+    {{python}} -m ruff format src tests benchmarks loadtest examples
+    {{python}} -m ruff check --fix src tests benchmarks loadtest examples
 
 # pgsd check: verify databases (with no config: a throwaway local demo server)
 [no-cd]
