@@ -61,6 +61,14 @@ fmt: setup
 check *args: setup
     {{justfile_directory()}}/.venv/bin/pgsd check {{args}}
 
+# build the documentation site into site/ (mkdocs.yml: strict, every warning fails the build)
+docs: setup
+    NO_MKDOCS_2_WARNING=1 {{python}} -m mkdocs build --strict --site-dir site
+
+# serve the documentation site on http://127.0.0.1:8000, rebuilt on every change
+docs-serve: setup
+    NO_MKDOCS_2_WARNING=1 {{python}} -m mkdocs serve --dev-addr 127.0.0.1:8000
+
 # run the benchmarks against a throwaway server and save the run in .benchmarks/ (PGSD_BENCH_SHORT=1: short form)
 bench *args: setup
     {{python}} -m pytest benchmarks --benchmark-autosave {{args}}

@@ -344,8 +344,10 @@ class DatabaseConnector(_OneShotByName, RunTimeDatabases, Verifying):
         Raises:
             ConfigError: no database has that name (at once).
             TypeError: ``target`` is neither a name nor a `DatabaseConfig`.
-            PoolTimeout, TooManyWaiters, PoolClosed, UnsupportedServerVersion,
-                NoReplicaAvailable: on entering, as `ConnectionPool.connection`.
+            PoolTimeout, TooManyWaiters, PoolClosed: on entering, as
+                `ConnectionPool.connection`.
+            UnsupportedServerVersion, NoReplicaAvailable: on entering, as
+                `ConnectionPool.connection`.
         """
         pool = self._find_pool(target)
         if pool is not None and not (pool._closed and self._opening(pool)):

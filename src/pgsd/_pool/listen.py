@@ -401,8 +401,9 @@ class Listening:
         dropped by a full buffer).
 
         Args:
-            channel, more_channels: channel names, as given (quoted for
-                ``LISTEN``: any string is one channel).
+            channel: a channel's name, as given (quoted for ``LISTEN``: any
+                string is one channel).
+            more_channels: more channels, the same way.
             max_buffered: notifications kept for the program at most.
             overflow: with the buffer full, ``"gap"`` drops what comes and
                 reports a gap; ``"block"`` stops reading (the server

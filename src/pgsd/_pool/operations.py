@@ -36,9 +36,9 @@ class Operations:
             PoolTimeout: not ready within ``timeout`` (default
                 ``acquire_timeout``); the message gives the last error.
             PoolClosed: the pool is closed.
-            AuthenticationError, DatabaseNotFound, TLSError,
-                UnsupportedServerVersion: the first connection attempts
-                failed in a way waiting cannot cure.
+            AuthenticationError, DatabaseNotFound: the first connection
+                attempts failed in a way waiting cannot cure.
+            TLSError, UnsupportedServerVersion: the same.
         """
         pool: ConnectionPool = self  # type: ignore[assignment]
         limit = pool._acquire_timeout if timeout is None else timeout
