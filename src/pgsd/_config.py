@@ -36,6 +36,7 @@ from ._validate import (
     check_positive,
     check_sqlstates,
     check_str,
+    field_default,
     number_text,
     short_repr,
 )
@@ -498,7 +499,7 @@ class DatabaseConfig:
         parts = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value == _default_of(f):
+            if value == field_default(f):
                 continue
             if f.name == "password":
                 parts.append("password='***'")
@@ -509,12 +510,6 @@ class DatabaseConfig:
             else:
                 parts.append(f"{f.name}={value!r}")
         return f"{type(self).__name__}({', '.join(parts)})"
-
-
-def _default_of(f: dataclasses.Field[Any]) -> object:
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return f.default
 
 
 def _masked(extra: Mapping[str, str]) -> dict[str, str]:

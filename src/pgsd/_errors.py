@@ -32,6 +32,7 @@ __all__ = [
     "format_address",
     "is_secret_key",
     "redact",
+    "summary",
 ]
 
 # libpq keywords whose values are secrets, as a regex alternation.
@@ -51,6 +52,12 @@ _MASK = "***"
 def is_secret_key(name: str) -> bool:
     """Tell whether a libpq keyword (``password``, ``sslpassword``...) holds a secret."""
     return re.fullmatch(_SECRET_KEY, name, re.IGNORECASE) is not None
+
+
+def summary(error: BaseException) -> str:
+    """An error in one line for a log or a report: its first line, redacted, or its class."""
+    text = redact(str(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def redact(text: str) -> str:

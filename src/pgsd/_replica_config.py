@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 from ._errors import ConfigError
-from ._validate import short_repr
+from ._validate import field_default, short_repr
 
 if TYPE_CHECKING:
     from ._config import DatabaseConfig
@@ -101,8 +101,7 @@ def _inherit(primary: DatabaseConfig, replica: DatabaseConfig) -> DatabaseConfig
     for f in dataclasses.fields(replica):
         if f.name in _OWN:
             continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if getattr(replica, f.name) == default:
+        if getattr(replica, f.name) == field_default(f):
             changes[f.name] = getattr(primary, f.name)
     if replica.password is None and replica.password_provider is None:
         changes["password"] = primary.password

@@ -7,11 +7,12 @@ is never shown.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import reprlib
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ._dsn import libpq_text_problem
 from ._errors import ConfigError
@@ -27,6 +28,7 @@ __all__ = [
     "check_positive",
     "check_sqlstates",
     "check_str",
+    "field_default",
     "number_text",
     "short_repr",
 ]
@@ -143,6 +145,13 @@ def check_password(value: object) -> None:
     if value is not None and not isinstance(value, str):
         # Never echo the value: it may be a secret of the wrong type.
         raise ConfigError(f"must be a string, got {type(value).__name__}", key="password")
+
+
+def field_default(f: dataclasses.Field[Any]) -> object:
+    """A dataclass field's default value (a fresh one from its default factory)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:

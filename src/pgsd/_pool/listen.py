@@ -37,7 +37,8 @@ from psycopg import sql
 
 from .._backoff import Backoff
 from .._connection import Connection
-from .._errors import ConfigError, ListenError, PgsdError, PoolClosed, redact
+from .._errors import ConfigError, ListenError, PgsdError, PoolClosed, summary
+from .._validate import check_choice, check_int, check_positive
 from .entry import PING_TIMEOUT
 
 if TYPE_CHECKING:
@@ -111,14 +112,12 @@ class Listener:
                     " bytes or holds a NUL",
                     key="channels",
                 )
-        if not isinstance(max_buffered, int) or isinstance(max_buffered, bool) or max_buffered < 1:
-            raise ConfigError(f"must be an int >= 1, got {max_buffered!r}", key="max_buffered")
-        if overflow not in ("gap", "block"):
-            raise ConfigError(f"must be 'gap' or 'block', got {overflow!r}", key="overflow")
-        if reconnect_timeout is not None and not reconnect_timeout > 0:
-            raise ConfigError(
-                f"must be > 0 or None, got {reconnect_timeout!r}", key="reconnect_timeout"
-            )
+        check_int("max_buffered", max_buffered, minimum=1)
+        check_choice("overflow", overflow, ("gap", "block"))
+        if overflow is None:  # which check_choice lets through, as for optional settings
+            raise ConfigError("must be one of gap, block; got None", key="overflow")
+        if reconnect_timeout is not None:
+            check_positive("reconnect_timeout", reconnect_timeout)
         self._resolve = resolve
         self._pool: Any = None
         self.channels = tuple(dict.fromkeys(channels))
@@ -266,7 +265,7 @@ class Listener:
                         # word (no RST: a NAT, a failover) answers no ping.
                         await conn.ping(PING_TIMEOUT)
                     except (psycopg.OperationalError, OSError) as ex:
-                        lost = redact(str(ex).strip()) or type(ex).__name__
+                        lost = summary(ex)
                         logger.warning(
                             "listener on %r lost its connection (%s): reconnecting",
                             self._pool.name,
@@ -351,7 +350,7 @@ class Listener:
             try:
                 conn = await self._connect()
             except (PgsdError, psycopg.Error, OSError) as ex:
-                error = redact(str(ex).strip()) or type(ex).__name__
+                error = summary(ex)
                 if backoff.attempts == 1 or error != last:  # each new reason, once
                     logger.warning(
                         "listener on %r: reconnecting failed, retrying with backoff: %s",

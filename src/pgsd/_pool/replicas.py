@@ -21,6 +21,7 @@ reach has written).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import deque
@@ -31,7 +32,7 @@ import anyio.abc
 import psycopg
 
 from .._config import DatabaseConfig
-from .._errors import NoReplicaAvailable, PgsdError, redact
+from .._errors import NoReplicaAvailable, PgsdError, summary
 from .lending import DeferredLease
 
 if TYPE_CHECKING:
@@ -194,7 +195,7 @@ class ReplicaSet:
                 logger.debug(
                     "pool %r: no WAL position for lag checks: %s",
                     self.primary.name,
-                    _first_line(ex),
+                    summary(ex),
                 )
         return None
 
@@ -208,7 +209,7 @@ class ReplicaSet:
             self._set(replica, "down", f"no answer to the lag check within {self.timeout:g} s")
             return
         except (psycopg.Error, PgsdError) as ex:
-            self._set(replica, "down", _first_line(ex))
+            self._set(replica, "down", summary(ex))
             return
         in_recovery, replayed, receiving = row
         self._note_streaming(replica, bool(in_recovery and receiving))
@@ -338,19 +339,12 @@ class ReplicaSet:
     # -- reports -----------------------------------------------------------------
 
     def stats(self) -> tuple[PoolStats, ...]:
-        import dataclasses
-
         return tuple(
             dataclasses.replace(
                 r.pool.stats(), role="replica", lag_seconds=r.lag, replica_state=r.state
             )
             for r in self.replicas
         )
-
-
-def _first_line(error: BaseException) -> str:
-    text = redact(str(error)).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 async def _keep_open(

@@ -65,9 +65,7 @@ class OneShot:
                 `connection()`.
         """
         pool: ConnectionPool = self  # type: ignore[assignment]
-        if read_only and pool._replicas is not None:
-            pool = await pool._replicas.route()
-        statement, pipeline = await _run(pool, query, params)
+        statement, pipeline = await _run(pool, query, params, read_only)
         return _rows(pipeline, statement, row_factory, None)
 
     async def fetchone(
@@ -80,27 +78,21 @@ class OneShot:
     ) -> Any:
         """As `fetchall`; the first row, or None."""
         pool: ConnectionPool = self  # type: ignore[assignment]
-        if read_only and pool._replicas is not None:
-            pool = await pool._replicas.route()
-        statement, pipeline = await _run(pool, query, params)
+        statement, pipeline = await _run(pool, query, params, read_only)
         rows = _rows(pipeline, statement, row_factory, 1)
         return rows[0] if rows else None
 
     async def fetchval(self, query: Any, params: Any = None, *, read_only: bool = False) -> Any:
         """As `fetchall`; the first column of the first row, or None."""
         pool: ConnectionPool = self  # type: ignore[assignment]
-        if read_only and pool._replicas is not None:
-            pool = await pool._replicas.route()
-        statement, pipeline = await _run(pool, query, params)
+        statement, pipeline = await _run(pool, query, params, read_only)
         rows = _rows(pipeline, statement, None, 1)
         return rows[0][0] if rows and rows[0] else None
 
     async def execute(self, query: Any, params: Any = None, *, read_only: bool = False) -> int:
         """As `fetchall`; the number of rows affected (-1 when the command gives none)."""
         pool: ConnectionPool = self  # type: ignore[assignment]
-        if read_only and pool._replicas is not None:
-            pool = await pool._replicas.route()
-        statement, _ = await _run(pool, query, params)
+        statement, _ = await _run(pool, query, params, read_only)
         return rowcount(statement)
 
 
@@ -111,7 +103,11 @@ def _rows(
     return pipeline.rows(statement, None if factory is tuple_row else factory, limit)
 
 
-async def _run(pool: ConnectionPool, query: Any, params: Any) -> tuple[Statement, Pipeline]:
+async def _run(
+    pool: ConnectionPool, query: Any, params: Any, read_only: bool
+) -> tuple[Statement, Pipeline]:
+    if read_only and pool._replicas is not None:
+        pool = await pool._replicas.route()  # a fresh replica's pool, or the primary
     statement = Statement(query, params, pool._new_waker())
     entry = _with_room(pool)
     if entry is None:
