@@ -410,11 +410,11 @@ def collect_garbage() -> list[str]:
     return problems
 
 
-# -- the command line and the README --------------------------------------------------
+# -- the command line and the docs ----------------------------------------------------
 
 #: Bound on one ``pgsd`` command run by a test.
 CLI_TIMEOUT = 120
-README = Path(__file__).resolve().parent.parent / "README.md"
+CONFIG_GUIDE = Path(__file__).resolve().parent.parent / "docs" / "guides" / "configuration.md"
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -439,8 +439,8 @@ def run_pgsd(
     )
 
 
-def readme_config_example() -> str:
-    """The README's TOML example of a config file (the one with a per-database pool)."""
-    blocks = re.findall(r"```toml\n(.*?)```", README.read_text(), re.DOTALL)
+def config_guide_example() -> str:
+    """The configuration guide's TOML example of a file (the one with a per-database pool)."""
+    blocks = re.findall(r"```toml\n(.*?)```", CONFIG_GUIDE.read_text(), re.DOTALL)
     [example] = [block for block in blocks if "[databases.target.pool]" in block]
     return str(example)

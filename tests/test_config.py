@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from psycopg.conninfo import conninfo_to_dict
 
 import pgsd
-from support import readme_config_example
+from support import config_guide_example
 
 SECRET = "s3cr3t-Pa55"
 
@@ -845,7 +845,7 @@ def test_connector_configs_compare_and_hash_by_value() -> None:
 
 # --- load_config: reading ------------------------------------------------------------
 
-DESIGN_EXAMPLE = readme_config_example()
+DESIGN_EXAMPLE = config_guide_example()
 
 
 def test_load_config_reads_the_documented_example(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ import pgsd
 from pgsd._config import _LIBPQ_FIELDS
 from pgsd._errors import is_secret_key
 from pgsd._permissions import Requirement, parse_requirement, parse_requirements
-from support import readme_config_example
+from support import config_guide_example
 
 # Fast properties get many examples; those that write a file, fewer. No
 # deadline: the machine may be busy, and a slow example is not a failure.
@@ -583,19 +583,19 @@ def test_any_text_as_a_config_file_gives_a_config_or_a_config_error(content: str
     check_config_file(content, [], {})
 
 
-README_EXAMPLE = readme_config_example()
+GUIDE_EXAMPLE = config_guide_example()
 
 
-def test_the_readme_example_loads() -> None:
-    config = check_config_file(README_EXAMPLE, [], {"SOURCE_PGPASSWORD": FIXED_SECRET})
+def test_the_guide_example_loads() -> None:
+    config = check_config_file(GUIDE_EXAMPLE, [], {"SOURCE_PGPASSWORD": FIXED_SECRET})
     assert config is not None
     assert config.databases["source"].password == FIXED_SECRET
 
 
 @st.composite
-def readme_mutations(draw: st.DrawFn) -> str:
-    """The README's example with a few lines replaced, removed, or cut short, or text inserted."""
-    lines = README_EXAMPLE.splitlines()
+def guide_mutations(draw: st.DrawFn) -> str:
+    """The guide's example with a few lines replaced, removed, or cut short, or text inserted."""
+    lines = GUIDE_EXAMPLE.splitlines()
     for _ in range(draw(st.integers(min_value=1, max_value=3))):
         i = draw(st.integers(min_value=0, max_value=len(lines) - 1))
         action = draw(st.sampled_from(["value", "line", "drop", "cut", "insert"]))
@@ -615,8 +615,8 @@ def readme_mutations(draw: st.DrawFn) -> str:
 
 
 @FILES
-@given(readme_mutations(), secret_markers)
-def test_mutations_of_the_readme_example_give_a_config_or_a_config_error(
+@given(guide_mutations(), secret_markers)
+def test_mutations_of_the_guide_example_give_a_config_or_a_config_error(
     content: str, secret: str
 ) -> None:
     check_config_file(content, [secret], {"SOURCE_PGPASSWORD": secret})

@@ -1,6 +1,6 @@
 """The layering: who may import whom, one module knows the event loop, and sizes.
 
-The library is in layers (README, "Architecture"); a module imports only
+The library is in layers (docs/architecture.md); a module imports only
 from its own layer or the ones below. ``pgsd.testing`` stands apart: it
 imports nothing of the library, and the library loads it only inside the
 function that runs the embedded demo.
@@ -63,7 +63,7 @@ def layer_of(name: str) -> int:
     for number, members in enumerate(LAYERS.values()):
         if name in members:
             return number
-    raise AssertionError(f"pgsd.{name} is in no layer: add it to LAYERS and to README")
+    raise AssertionError(f"pgsd.{name} is in no layer: add it to LAYERS and to docs/architecture.md")
 
 
 def imports(path: Path, *, top_level_only: bool) -> list[tuple[int, str]]:

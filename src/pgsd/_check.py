@@ -105,7 +105,7 @@ class CheckResult:
         return 0 if self.ok else 1
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document ``pgsd check --json`` prints (schema in README.md)."""
+        """The JSON document ``pgsd check --json`` prints (schema: docs/check.md)."""
         return {
             "pgsd": __version__,
             "backend": self.backend,

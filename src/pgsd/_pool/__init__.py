@@ -1,4 +1,4 @@
-"""One database's connection pool, in parts (see README's "Architecture").
+"""One database's connection pool, in parts (see docs/architecture.md).
 
 `pool` holds `ConnectionPool`: its lifecycle, the lease and the hot path.
 The parts it delegates to, each one job:
