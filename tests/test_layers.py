@@ -63,7 +63,7 @@ def layer_of(name: str) -> int:
     for number, members in enumerate(LAYERS.values()):
         if name in members:
             return number
-    raise AssertionError(f"pgsd.{name} is in no layer: add it to LAYERS and to docs/architecture.md")
+    raise AssertionError(f"pgsd.{name} is in no layer: add it to LAYERS and docs/architecture.md")
 
 
 def imports(path: Path, *, top_level_only: bool) -> list[tuple[int, str]]:
