@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import gc
 import itertools
+import json
 import logging
 import os
 import re
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import jsonschema
 import psycopg
 
 import pgsd
@@ -444,3 +446,10 @@ def config_guide_example() -> str:
     blocks = re.findall(r"```toml\n(.*?)```", CONFIG_GUIDE.read_text(), re.DOTALL)
     [example] = [block for block in blocks if "[databases.target.pool]" in block]
     return str(example)
+
+
+def check_document_errors(document: object, schema: str = "pgsd-check") -> list[str]:
+    """What in ``document`` its published JSON Schema (``docs/SCHEMA.schema.json``) refuses."""
+    path = CONFIG_GUIDE.parent.parent / f"{schema}.schema.json"
+    validator = jsonschema.Draft202012Validator(json.loads(path.read_text()))
+    return [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(document)]

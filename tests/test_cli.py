@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import shutil
@@ -15,7 +16,14 @@ from pathlib import Path
 import pytest
 
 from pgsd.testing import PostgresServer, free_port
-from support import CLI_TIMEOUT, REPORT_KEYS, VERSION_KEYS, clean_env, run_pgsd
+from support import (
+    CLI_TIMEOUT,
+    REPORT_KEYS,
+    VERSION_KEYS,
+    check_document_errors,
+    clean_env,
+    run_pgsd,
+)
 
 BACKENDS = ["asyncio", "trio"]
 TIMEOUT = CLI_TIMEOUT
@@ -70,6 +78,7 @@ def test_unreachable_database_beside_a_good_one_exits_1(two_databases: Path, bac
     )
     assert result.returncode == 1, result.stderr
     document = json.loads(result.stdout)
+    assert check_document_errors(document) == []
     by_name = {db["name"]: db for db in document["databases"]}
     assert by_name["good"]["ok"] is True
     assert by_name["gone"]["ok"] is False
@@ -114,6 +123,7 @@ def test_json_document_has_a_stable_schema(pg_server: PostgresServer, tmp_path: 
     result = run_pgsd("check", "--json", pg_server.dsn(), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
+    assert check_document_errors(document) == []
     assert set(document) == {"pgsd", "backend", "ok", "demo", "databases"}
     database = document["databases"][0]
     assert set(database) == REPORT_KEYS | {"missing", "burst", "pool"}
@@ -131,6 +141,14 @@ def test_json_document_has_a_stable_schema(pg_server: PostgresServer, tmp_path: 
     }
     assert database["burst"]["failed"] == 0
     assert database["version"]["num"] == int(pg_server.execute("SHOW server_version_num")[0][0])
+    # The schema refuses what it does not list, so that a new field cannot go undocumented.
+    database["new_field"] = 1
+    database["pool"]["state"] = "sleepy"
+    del database["burst"]["p50_ms"]
+    errors = "\n".join(check_document_errors(document))
+    assert "'new_field' was unexpected" in errors
+    assert "sleepy" in errors
+    assert "'p50_ms' is a required property" in errors
 
 
 @pytest.mark.parametrize(
@@ -178,6 +196,7 @@ def test_embedded_demo_end_to_end(tmp_path: Path, backend: str) -> None:
     result = run_pgsd("check", "--backend", backend, "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
+    assert check_document_errors(document) == []
     assert document["demo"] is True
     by_name = {db["name"]: db for db in document["databases"]}
     assert by_name["demo_admin"]["ok"] is True
@@ -305,6 +324,8 @@ def test_watch_json_prints_one_document_per_refresh_until_ctrl_c(
     assert proc.returncode == 0, err  # Ctrl-C ends a watch, not an error
     assert "Traceback" not in err
     for document in documents:
+        assert check_document_errors(document, "pgsd-check-watch") == []
+        datetime.datetime.fromisoformat(document["time"])
         [pool] = document["pools"].values()
         assert pool["state"] == "up"
         assert pool["size"] >= 1

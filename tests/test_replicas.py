@@ -20,7 +20,14 @@ import pytest
 
 import pgsd
 from pgsd.testing import PostgresServer, StandbyServer, promote, start_standby
-from support import REPORT_KEYS, run_pgsd, server_connections, unique_name, until
+from support import (
+    REPORT_KEYS,
+    check_document_errors,
+    run_pgsd,
+    server_connections,
+    unique_name,
+    until,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -422,7 +429,9 @@ max_replica_lag = 5
     )
     result = run_pgsd("check", "--json", "--config", str(path), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    [database] = json.loads(result.stdout)["databases"]
+    document = json.loads(result.stdout)
+    assert check_document_errors(document) == []
+    [database] = document["databases"]
     assert [r["port"] for r in database["replicas"]] == [first.port, second.port]
     assert {r["replica_state"] for r in database["replicas"]} == {"fresh"}
     table = run_pgsd("check", "--config", str(path), cwd=tmp_path)
