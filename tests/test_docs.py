@@ -237,3 +237,76 @@ async def test_a_doc_example_runs_and_prints_what_it_says(
     for got, want in zip(printed, expected, strict=True):
         if want is not None:
             assert got == want, f"{block.name} printed {got!r} where its comment says {want!r}"
+
+
+# -- the API reference -----------------------------------------------------------------
+
+#: The modules whose public names (``__all__``) the API reference renders.
+REFERENCE_MODULES = ("pgsd", "pgsd.testing", "pgsd.prometheus", "pgsd.opentelemetry")
+
+
+def reference_objects() -> Iterator[tuple[str, Any]]:
+    """Each public name and each public method of a public class, as griffe reads them.
+
+    griffe is what the site's reference is rendered from (``docs/reference.md``):
+    what it finds no docstring for, the reference does not show.
+    """
+    import griffe  # mkdocstrings' reader, a development dependency
+
+    for module_name in REFERENCE_MODULES:
+        package = griffe.load(module_name, search_paths=[str(ROOT / "src")])
+        for name in importlib.import_module(module_name).__all__:
+            obj = package[name]
+            obj = obj.final_target if obj.is_alias else obj
+            yield f"{module_name}.{name}", obj
+            if obj.is_class:
+                for member_name, member in obj.members.items():
+                    member = member.final_target if member.is_alias else member
+                    if not member_name.startswith("_") and member.is_function:
+                        yield f"{module_name}.{name}.{member_name}", member
+
+
+def resolve_exception(name: str) -> type[BaseException] | None:
+    import builtins
+
+    import psycopg
+
+    for root in (pgsd, importlib.import_module("pgsd.testing"), builtins, psycopg):
+        obj: Any = root
+        parts = name.removeprefix(f"{root.__name__}.").split(".")
+        for part in parts:
+            obj = getattr(obj, part, None)
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            return obj
+    return None
+
+
+def test_exception_names_resolve_only_to_exceptions() -> None:
+    import psycopg
+
+    assert resolve_exception("PoolTimeout") is pgsd.PoolTimeout
+    assert resolve_exception("psycopg.OperationalError") is psycopg.OperationalError
+    assert resolve_exception("ServerNotFound") is not None
+    assert resolve_exception("pgsd.NoSuchError") is None
+    assert resolve_exception("ConnectionPool") is None
+
+
+def test_the_api_reference_documents_every_public_name_and_the_exceptions_it_names() -> None:
+    from griffe import DocstringSectionKind
+
+    undocumented, unknown = [], []
+    seen = 0
+    for path, obj in reference_objects():
+        seen += 1
+        if obj.docstring is None:
+            if obj.is_function or obj.is_class or obj.is_module:
+                undocumented.append(path)
+            continue
+        for section in obj.docstring.parse("google"):
+            if section.kind is DocstringSectionKind.raises:
+                for item in section.value:
+                    names = [name.strip() for name in str(item.annotation).strip("()").split(",")]
+                    unknown += [f"{path}: {name}" for name in names if not resolve_exception(name)]
+    assert seen > 100
+    assert not undocumented, f"no docstring, so not in the API reference: {undocumented}"
+    assert not unknown, f"Raises names what is not an exception: {unknown}"

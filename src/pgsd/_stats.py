@@ -75,10 +75,11 @@ def _empty() -> list[int]:
     return [0] * (len(BUCKETS) + 1)
 
 
-#: ``opening``: no connection attempt has finished yet; ``up``: the last one
-#: succeeded; ``down``: the last one failed and the pool is retrying;
-#: ``closed``: the pool was closed.
 PoolState = Literal["opening", "up", "down", "paused", "closed"]
+"""A pool's state: ``opening``, no connection attempt has finished yet; ``up``,
+the last one succeeded; ``down``, the last one failed and the pool is
+retrying; ``paused``, `ConnectionPool.pause` stopped lending; ``closed``, the
+pool was closed."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

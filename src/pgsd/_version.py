@@ -21,8 +21,8 @@ __all__ = [
     "parse_version_num",
 ]
 
-#: The oldest server pgsd works with, as a ``server_version_num`` (13.0).
 MIN_SERVER_VERSION = 130000
+"""The oldest server pgsd works with, as a ``server_version_num`` (13.0)."""
 
 # How long fetch_row's own rollback may take on a connection with no
 # ``cancel_grace`` (psycopg's): the default of pgsd's connections.
