@@ -6,7 +6,9 @@ block after a ``<!-- doctest -->`` comment is run against the session's
 server on asyncio and on trio: a program's ``main()`` is awaited (the lines
 that start an event loop are left out, the test supplies it), a fragment
 (``<!-- doctest: fragment -->``) runs inside a coroutine with ``pool``,
-``connector``, ``conn`` and ``db_config`` at hand. Every DSN in a run block
+``connector``, ``conn`` and ``db_config`` at hand, and the blocks marked
+``<!-- doctest: pytest FILE -->`` are written to those files and run by a
+pytest of their own. Every DSN in a run block
 is pointed at the server, keeping its database name; a ``print(...)`` with a
 trailing ``# comment`` must print the comment's text.
 """
@@ -16,6 +18,8 @@ from __future__ import annotations
 import ast
 import importlib
 import re
+import subprocess
+import sys
 import textwrap
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -27,6 +31,7 @@ import pytest
 
 import pgsd
 from pgsd.testing import PostgresServer
+from support import CLI_TIMEOUT, clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -75,6 +80,8 @@ def python_blocks() -> list[Block]:
                     mode = "program"
                 elif marker == "<!-- doctest: fragment -->":
                     mode = "fragment"
+                elif marker.startswith("<!-- doctest: pytest "):
+                    mode = "pytest " + marker.split()[3]  # a file of a pytest run
                 elif marker.startswith("<!-- doctest"):
                     raise AssertionError(f"{page}:{i}: unknown marker {marker}")
                 code = textwrap.dedent("\n".join(lines[start:end])) + "\n"
@@ -85,7 +92,8 @@ def python_blocks() -> list[Block]:
 
 
 BLOCKS = python_blocks()
-RUN_BLOCKS = [block for block in BLOCKS if block.mode]
+RUN_BLOCKS = [block for block in BLOCKS if block.mode in ("program", "fragment")]
+PYTEST_BLOCKS = [block for block in BLOCKS if block.mode and block.mode.startswith("pytest ")]
 
 
 def test_the_docs_have_blocks_to_run() -> None:
@@ -132,6 +140,26 @@ def test_the_name_check_finds_a_name_that_is_gone() -> None:
 
 
 # -- running ---------------------------------------------------------------------------
+
+
+def test_the_testing_guide_runs_as_a_test_suite(tmp_path: Path) -> None:
+    """The guide's conftest.py and test files, as a reader would copy them, pass."""
+    files = {block.mode.split()[1]: block.code for block in PYTEST_BLOCKS if block.mode}
+    assert sorted(files) == ["conftest.py", "test_faults.py", "test_users.py"]
+    for name, code in files.items():
+        (tmp_path / name).write_text(code)
+    tests = sum(code.count("\nasync def test_") for code in files.values())
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error"],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{2 * tests} passed" in result.stdout  # each test on asyncio and on trio
 
 
 @pytest.fixture(scope="module")
