@@ -250,3 +250,44 @@ def test_outside_an_event_loop_the_copy_queue_is_psycopgs_own() -> None:
     import asyncio
 
     assert isinstance(_copy_async.AQueue(), asyncio.Queue)
+
+
+async def test_to_completion_runs_a_clean_up_to_its_end_whatever_cancels_its_caller(
+    anyio_backend: str,
+) -> None:
+    """A cancel scope waits at a shield; asyncio's task.cancel() waits for the clean-up."""
+    steps: list[str] = []
+    release = anyio.Event()
+
+    async def clean_up() -> str:
+        with anyio.CancelScope(shield=True):
+            steps.append("started")
+            await release.wait()
+            await anyio.lowlevel.checkpoint()
+            steps.append("finished")
+        return "done"
+
+    async def caller() -> None:
+        steps.append(await current_backend().to_completion(clean_up))
+
+    if anyio_backend == "asyncio":
+        import asyncio
+
+        task = asyncio.get_running_loop().create_task(caller())
+        await anyio.wait_all_tasks_blocked()
+        for _ in range(3):  # however often
+            task.cancel()
+            await anyio.wait_all_tasks_blocked()
+        assert steps == ["started"]
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert steps == ["started", "finished"]  # ended, then the cancellation was raised
+        return
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(caller)
+            await anyio.wait_all_tasks_blocked()
+            scope.cancel()  # reaches the caller, not the shielded clean-up
+            release.set()
+    assert steps == ["started", "finished", "done"]  # a shield is all trio needs

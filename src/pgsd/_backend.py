@@ -33,12 +33,15 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import sniffio
 from anyio.lowlevel import checkpoint_if_cancelled
 
 __all__ = ["Backend", "FdWaiter", "Lock", "Waker", "current_backend", "install_psycopg_shims"]
+
+
+T = TypeVar("T")
 
 
 class Waker(Protocol):
@@ -81,6 +84,15 @@ class Backend(Protocol):
 
     async def checkpoint(self) -> None:
         """Let other tasks run; raise if cancelled."""
+
+    async def to_completion(self, fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Run ``fn()`` to its end, then raise a cancellation that came meanwhile.
+
+        For clean-ups that are shielded and bounded inside ``fn``. A cancel
+        scope (anyio's, trio's) cannot reach into a shielded scope; asyncio's
+        own ``task.cancel()`` can, so on asyncio ``fn`` runs in a task of its
+        own and such a cancellation waits for it, however often it comes.
+        """
 
 
 # -- asyncio -------------------------------------------------------------------
@@ -199,6 +211,22 @@ class _AsyncioBackend:
     async def checkpoint(self) -> None:
         await asyncio.sleep(0)
 
+    async def to_completion(self, fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        task = self._loop.create_task(fn())
+        cancelled: asyncio.CancelledError | None = None
+        while True:
+            try:
+                result = await asyncio.shield(task)
+            except asyncio.CancelledError as ex:  # noqa: ASYNC103 - raised below, once fn ends
+                if task.done():
+                    raise  # fn itself was cancelled (its own bound): not ours to hold
+                cancelled = ex  # task.cancel() of the caller: after fn ends
+                continue  # noqa: ASYNC104 - held, not swallowed: raised below
+            break
+        if cancelled is not None:
+            raise cancelled
+        return result
+
 
 _asyncio_backends: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncioBackend] = (
     weakref.WeakKeyDictionary()
@@ -295,6 +323,9 @@ class _TrioBackend:
 
     async def checkpoint(self) -> None:
         await self._checkpoint()
+
+    async def to_completion(self, fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        return await fn()  # a shielded scope inside fn is all trio needs
 
 
 _trio_backend: _TrioBackend | None = None

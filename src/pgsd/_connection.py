@@ -341,27 +341,32 @@ class Connection(psycopg.AsyncConnection[Row]):
         pgconn = self.pgconn
         if self.closed or pgconn.transaction_status != _ACTIVE:
             return
-        settled = False
-        with anyio.CancelScope(shield=True) as scope:
-            scope.deadline = anyio.current_time() + self.cancel_grace
-            try:
-                await self._send_cancel()
-                if driver is not None:
-                    with contextlib.suppress(e.QueryCanceled):
-                        await driver.run(waiter, fileno)
-                while pgconn.transaction_status == _ACTIVE and not pgconn.pipeline_status:
-                    results = await Driver(generators.fetch_many(pgconn)).run(waiter, fileno)
-                    if not results or results[-1].status in _COPY_STATES:
-                        break  # nothing more to read, or COPY, which only ends by closing
-            except e.Error as ex:
-                logger.debug("error while cancelling query: %s", redact(str(ex)))
-            settled = not scope.cancel_called
-        if not settled or pgconn.transaction_status == _ACTIVE:
-            logger.warning(
-                "query not stopped %.1f s after cancellation: closing the connection",
-                self.cancel_grace,
-            )
-            self.abort()
+
+        async def cancel_and_drain() -> None:
+            settled = False
+            with anyio.CancelScope(shield=True) as scope:
+                scope.deadline = anyio.current_time() + self.cancel_grace
+                try:
+                    await self._send_cancel()
+                    if driver is not None:
+                        with contextlib.suppress(e.QueryCanceled):
+                            await driver.run(waiter, fileno)
+                    while pgconn.transaction_status == _ACTIVE and not pgconn.pipeline_status:
+                        results = await Driver(generators.fetch_many(pgconn)).run(waiter, fileno)
+                        if not results or results[-1].status in _COPY_STATES:
+                            break  # nothing more to read, or COPY, which only ends by closing
+                except e.Error as ex:
+                    logger.debug("error while cancelling query: %s", redact(str(ex)))
+                settled = not scope.cancel_called
+            if not settled or pgconn.transaction_status == _ACTIVE:
+                logger.warning(
+                    "query not stopped %.1f s after cancellation: closing the connection",
+                    self.cancel_grace,
+                )
+                self.abort()
+
+        # asyncio's own task.cancel(), repeated meanwhile, waits for it too.
+        await current_backend().to_completion(cancel_and_drain)
 
     def _lock_released(self) -> None:
         """Called as the lock is released: note an operation abandoned half-way.
@@ -464,22 +469,33 @@ class _Transaction(psycopg.AsyncTransaction):
             return await super().__aexit__(exc_type, exc_val, exc_tb)  # noqa: ASYNC102
         conn = self._conn
         if conn.unsettled:
-            return False  # its pool rolls back once the query is cancelled
-        with anyio.CancelScope(shield=True) as scope:
-            scope.deadline = anyio.current_time() + conn.cancel_grace
-            try:
-                return await super().__aexit__(exc_type, exc_val, exc_tb)
-            except OutOfOrderTransactionNesting:
-                # The caller's mistake, which psycopg reports in place of the
-                # block's exception; the connection itself is fine.
-                raise
-            except e.Error as ex:
-                # The block's own exception matters more than the rollback's.
-                logger.debug("rollback after error failed: %s", redact(str(ex)))
-        if scope.cancel_called:
-            logger.warning("rollback not done in %.1f s: closing the connection", conn.cancel_grace)
-        conn.abort()
-        return False
+            # Its pool rolls back once the query is cancelled; psycopg must know
+            # the block is over, or the pool's rollback is refused as inside it.
+            self._pop_savepoint("rollback")
+            return False
+        exit_ = super().__aexit__
+
+        async def roll_back() -> bool:
+            with anyio.CancelScope(shield=True) as scope:
+                scope.deadline = anyio.current_time() + conn.cancel_grace
+                try:
+                    return await exit_(exc_type, exc_val, exc_tb)
+                except OutOfOrderTransactionNesting:
+                    # The caller's mistake, which psycopg reports in place of the
+                    # block's exception; the connection itself is fine.
+                    raise
+                except e.Error as ex:
+                    # The block's own exception matters more than the rollback's.
+                    logger.debug("rollback after error failed: %s", redact(str(ex)))
+            if scope.cancel_called:
+                logger.warning(
+                    "rollback not done in %.1f s: closing the connection", conn.cancel_grace
+                )
+            conn.abort()
+            return False
+
+        # asyncio's own task.cancel(), repeated meanwhile, waits for it too.
+        return await current_backend().to_completion(roll_back)  # noqa: ASYNC102 - shielded in it
 
 
 # The keywords of Connection.connect that are not libpq parameters.

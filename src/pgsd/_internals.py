@@ -17,6 +17,7 @@ PSYCOPG_INTERNALS: Final = (
     "psycopg.AsyncConnection._should_cancel",
     "psycopg.AsyncConnection._get_connection_params",
     "psycopg.AsyncTransaction.__aexit__",
+    "psycopg.AsyncTransaction._pop_savepoint",
     "psycopg.transaction.OutOfOrderTransactionNesting",
     "psycopg.pq.PGconn.connect_start",
     "psycopg.pq.PGconn.connect_poll",
