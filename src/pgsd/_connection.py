@@ -29,6 +29,7 @@ checks that each internal is still there.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import weakref
 from collections.abc import AsyncIterator
@@ -338,35 +339,12 @@ class Connection(psycopg.AsyncConnection[Row]):
         by ``cancel_grace``, so that a server that does not answer (half-open
         TCP, black-holed network) cannot hang the caller.
         """
-        pgconn = self.pgconn
-        if self.closed or pgconn.transaction_status != _ACTIVE:
+        if self.closed or self.pgconn.transaction_status != _ACTIVE:
             return
-
-        async def cancel_and_drain() -> None:
-            settled = False
-            with anyio.CancelScope(shield=True) as scope:
-                scope.deadline = anyio.current_time() + self.cancel_grace
-                try:
-                    await self._send_cancel()
-                    if driver is not None:
-                        with contextlib.suppress(e.QueryCanceled):
-                            await driver.run(waiter, fileno)
-                    while pgconn.transaction_status == _ACTIVE and not pgconn.pipeline_status:
-                        results = await Driver(generators.fetch_many(pgconn)).run(waiter, fileno)
-                        if not results or results[-1].status in _COPY_STATES:
-                            break  # nothing more to read, or COPY, which only ends by closing
-                except e.Error as ex:
-                    logger.debug("error while cancelling query: %s", redact(str(ex)))
-                settled = not scope.cancel_called
-            if not settled or pgconn.transaction_status == _ACTIVE:
-                logger.warning(
-                    "query not stopped %.1f s after cancellation: closing the connection",
-                    self.cancel_grace,
-                )
-                self.abort()
-
         # asyncio's own task.cancel(), repeated meanwhile, waits for it too.
-        await current_backend().to_completion(cancel_and_drain)
+        await current_backend().to_completion(
+            functools.partial(_cancel_and_drain, self, driver, waiter, fileno)
+        )
 
     def _lock_released(self) -> None:
         """Called as the lock is released: note an operation abandoned half-way.
@@ -451,6 +429,34 @@ class _ConnectionLock(Lock):
         if conn is not None:
             conn._lock_released()
         super().release()
+
+
+async def _cancel_and_drain(
+    conn: Connection[Any], driver: Driver | None, waiter: FdWaiter, fileno: int
+) -> None:
+    """`Connection._settle_after_interrupt`'s work: shielded, bounded by ``cancel_grace``."""
+    pgconn = conn.pgconn
+    settled = False
+    with anyio.CancelScope(shield=True) as scope:
+        scope.deadline = anyio.current_time() + conn.cancel_grace
+        try:
+            await conn._send_cancel()
+            if driver is not None:
+                with contextlib.suppress(e.QueryCanceled):
+                    await driver.run(waiter, fileno)
+            while pgconn.transaction_status == _ACTIVE and not pgconn.pipeline_status:
+                results = await Driver(generators.fetch_many(pgconn)).run(waiter, fileno)
+                if not results or results[-1].status in _COPY_STATES:
+                    break  # nothing more to read, or COPY, which only ends by closing
+        except e.Error as ex:
+            logger.debug("error while cancelling query: %s", redact(str(ex)))
+        settled = not scope.cancel_called
+    if not settled or pgconn.transaction_status == _ACTIVE:
+        logger.warning(
+            "query not stopped %.1f s after cancellation: closing the connection",
+            conn.cancel_grace,
+        )
+        conn.abort()
 
 
 class _Transaction(psycopg.AsyncTransaction):
