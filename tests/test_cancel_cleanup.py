@@ -173,3 +173,38 @@ async def test_a_borrower_cancelled_in_a_transaction_gives_back_a_clean_connecti
                 assert await cur.fetchone() == (True,)
         assert pool.stats().connections_closed == 0
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+
+
+async def test_a_borrower_cancelled_while_its_connection_is_reset_leaks_nothing(
+    pg_server: PostgresServer, anyio_backend: str
+) -> None:
+    entered = anyio.Event()
+
+    async def reset(conn: pgsd.Connection) -> None:
+        entered.set()
+        await conn.execute("SELECT pg_sleep(0.5)")
+
+    pool_config = pgsd.PoolConfig(min_size=1, max_size=1, acquire_timeout=10, reset=reset)
+    async with pgsd.ConnectionPool(db_config(pg_server), pool_config) as pool:
+
+        async def borrow() -> None:
+            async with pool.connection() as conn:
+                await conn.execute("SELECT 1")
+
+        if anyio_backend == "asyncio":
+            task = asyncio.get_running_loop().create_task(borrow())
+            await entered.wait()
+            task.cancel()  # while the pool resets the connection it took back
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(borrow)
+                    await entered.wait()
+                    scope.cancel()
+        assert pool.stats().in_use == 0  # taken back, not stranded with its borrower
+        with anyio.fail_after(30):
+            async with pool.connection() as conn:
+                cur = await conn.execute("SELECT 42")
+                assert await cur.fetchone() == (42,)

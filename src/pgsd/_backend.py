@@ -91,7 +91,9 @@ class Backend(Protocol):
         For clean-ups that are shielded and bounded inside ``fn``. A cancel
         scope (anyio's, trio's) cannot reach into a shielded scope; asyncio's
         own ``task.cancel()`` can, so on asyncio ``fn`` runs in a task of its
-        own and such a cancellation waits for it, however often it comes.
+        own and such a cancellation waits for it, however often it comes. Its
+        result is lost when a cancellation is raised: ``fn`` finishes its work
+        itself.
         """
 
 

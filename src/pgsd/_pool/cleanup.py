@@ -10,11 +10,13 @@ cannot be cleaned within ``cancel_grace``, is closed and replaced.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING
 
 import anyio
 
+from .._backend import current_backend
 from .._errors import evicts, redact
 from .entry import ACTIVE, IDLE, Entry
 
@@ -42,6 +44,12 @@ async def release(pool: ConnectionPool, entry: Entry, exc: BaseException | None)
         pool._counters.lost += 1
         pool._discard(entry)
         return
+    # In the borrower's task: asyncio's own task.cancel() of the borrower, which
+    # goes through _restore's shield, waits for it (or the entry is stranded).
+    await current_backend().to_completion(functools.partial(_take_back, pool, entry))
+
+
+async def _take_back(pool: ConnectionPool, entry: Entry) -> None:
     _keep_if_clean(pool, entry, await _restore(pool, entry))
 
 
