@@ -58,33 +58,48 @@ async def server_runs(server: PostgresServer, application_name: str) -> None:
 async def cancel_twice(
     anyio_backend: str,
     proxy: FaultProxy,
+    server: PostgresServer,
+    application_name: str,
     work: Callable[[], Awaitable[None]],
-    running: Callable[[], Awaitable[None]],
 ) -> None:
-    """Run ``work``; once ``running()`` returns, cancel it, and again inside the clean-up."""
-    if anyio_backend == "asyncio":
-        task = asyncio.get_running_loop().create_task(work())
-        await running()
+    """Run ``work``; cancel it once the server runs `SLEEP`, and again inside the clean-up.
+
+    The second cancellation comes once the first one's cancel request has
+    reached the proxy; then the proxy forwards without delay again.
+    """
+
+    async def first_then_second(first: Callable[[], object], second: Callable[[], object]) -> None:
+        await server_runs(server, application_name)
         accepted = len(proxy.accept_times)
-        task.cancel()
+        first()
         await until(lambda: len(proxy.accept_times) > accepted)  # the cancel request is out
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return
-    async with anyio.create_task_group() as tg:
-        inner = anyio.CancelScope()
+        second()
 
-        async def scoped() -> None:
-            with inner:
-                await work()
+    with anyio.fail_after(30):
+        if anyio_backend == "asyncio":
+            task = asyncio.get_running_loop().create_task(work())
+            await first_then_second(task.cancel, task.cancel)
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            inner = anyio.CancelScope()
 
-        tg.start_soon(scoped)
-        await running()
-        accepted = len(proxy.accept_times)
-        inner.cancel()
-        await until(lambda: len(proxy.accept_times) > accepted)
-        tg.cancel_scope.cancel()  # the enclosing scope too, while the clean-up runs
+            async def scoped() -> None:
+                with inner:
+                    await work()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(scoped)
+                # The enclosing scope too, while the clean-up runs.
+                await first_then_second(inner.cancel, tg.cancel_scope.cancel)
+    proxy.set_mode("pass")
+
+
+async def assert_rolled_back(conn: pgsd.Connection) -> None:
+    """Idle, and the borrower's transaction (its temporary table) rolled back."""
+    assert conn.info.transaction_status.name == "IDLE"
+    cur = await conn.execute("SELECT to_regclass('pg_temp.scratch') IS NULL")
+    assert await cur.fetchone() == (True,)
 
 
 async def test_a_direct_connection_cancelled_twice_mid_query_stays_right(
@@ -98,14 +113,7 @@ async def test_a_direct_connection_cancelled_twice_mid_query_stays_right(
                 proxy.set_mode("delay", latency=LATENCY)
                 await conn.execute(SLEEP)
 
-            with anyio.fail_after(30):
-                await cancel_twice(
-                    anyio_backend,
-                    proxy,
-                    work,
-                    lambda: server_runs(pg_server, config.application_name),
-                )
-            proxy.set_mode("pass")
+            await cancel_twice(anyio_backend, proxy, pg_server, config.application_name, work)
             # The clean-up finished: the query stopped, the connection is idle and usable.
             with anyio.fail_after(30):
                 cur = await conn.execute("SELECT 42")
@@ -132,21 +140,11 @@ async def test_a_pooled_transaction_cancelled_twice_comes_back_clean(
                     proxy.set_mode("delay", latency=LATENCY)
                     await conn.execute(SLEEP)
 
-            with anyio.fail_after(30):
-                await cancel_twice(
-                    anyio_backend,
-                    proxy,
-                    work,
-                    lambda: server_runs(pg_server, config.application_name),
-                )
-            proxy.set_mode("pass")
+            await cancel_twice(anyio_backend, proxy, pg_server, config.application_name, work)
             with anyio.fail_after(30):
                 async with pool.connection() as conn:
-                    assert conn.info.transaction_status.name == "IDLE"
+                    await assert_rolled_back(conn)
                     assert conn.autocommit
-                    # The transaction was rolled back, or its connection replaced.
-                    cur = await conn.execute("SELECT to_regclass('pg_temp.scratch') IS NULL")
-                    assert await cur.fetchone() == (True,)
             stats = pool.stats()
             assert stats.size == 1
             assert stats.connections_closed == 0  # rolled back, not replaced
@@ -168,9 +166,7 @@ async def test_a_borrower_cancelled_in_a_transaction_gives_back_a_clean_connecti
         with anyio.fail_after(30):
             async with pool.connection() as again:
                 assert again is conn  # cleaned, not replaced
-                assert again.info.transaction_status.name == "IDLE"
-                cur = await again.execute("SELECT to_regclass('pg_temp.scratch') IS NULL")
-                assert await cur.fetchone() == (True,)
+                await assert_rolled_back(again)
         assert pool.stats().connections_closed == 0
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
 
